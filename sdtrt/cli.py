@@ -1,0 +1,151 @@
+"""The `sdtrt` command. Each subcommand parses its flags here and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from . import __version__
+from .errors import SdtrtError
+
+_DESCRIPTION = """\
+sdtrt turns a Stable Diffusion model in diffusers format into deployable artifacts and runs them:
+
+  diffusers folder --export--> ONNX dir --build--> engine dir --> lean runtime --> images
+                                   '------ ONNX Runtime runs the ONNX dir directly ------'
+
+Start here (tiny random-weight model, CPU, a minute):
+  sdtrt make-model --preset tiny --out out/tiny
+  sdtrt export out/tiny --out out/onnx
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps hand-wrapped descriptions and shows defaults that carry information."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _add(sub, name: str, help: str, description: str, examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=textwrap.dedent(description),
+                          epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
+                          formatter_class=_Formatter)
+
+
+def _make_model_parser(sub) -> None:
+    from .presets import PRESETS
+
+    p = _add(sub, "make-model", "write a diffusers model folder with random weights from a preset",
+             """\
+             Write a diffusers-format Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/,
+             tokenizer/, scheduler/) with the preset's architecture, seeded random weights in safetensors and
+             the real CLIP tokenizer vocabulary. diffusers' StableDiffusionPipeline.from_pretrained loads it.
+
+             presets:
+             """ + "\n".join(f"  {n:<13} {p.description}" for n, p in PRESETS.items()),
+             """\
+             sdtrt make-model --preset tiny --out out/tiny
+             sdtrt make-model --preset sd15 --out models/sd15 --seed 1
+             """)
+    p.add_argument("--preset", required=True, choices=list(PRESETS), help="architecture to build")
+    p.add_argument("--out", required=True, type=Path, help="folder to write (must not exist, unless --force)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=_run_make_model)
+
+
+def _run_make_model(a: argparse.Namespace) -> None:
+    from .presets import make_model
+
+    out = make_model(a.preset, a.out, seed=a.seed, force=a.force)
+    print(f"wrote {a.preset} model to {out}")
+
+
+def _export_parser(sub) -> None:
+    from .components import COMPONENTS, DEFAULT_COMPONENTS
+    from .export.graph import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, MAX_OPSET, MIN_OPSET
+
+    p = _add(sub, "export", "export a diffusers folder to validated ONNX",
+             f"""\
+             Export the text encoder, UNet (classifier-free guidance batched: [uncond; cond] in one call)
+             and VAE of a diffusers Stable Diffusion 1.x/2.x folder to ONNX, clean the graphs (constant
+             folding, shape inference, toposort) and validate every file in ONNX Runtime against its torch
+             module. A mismatch fails the export and leaves nothing behind. Artifacts are written to a
+             temporary folder and renamed at the end, so an interrupted export never looks complete.
+
+             The ONNX contract (names, dtypes, dynamic axes) is in the README. fp16 applies to the text
+             encoder and UNet; the VAE stays fp32 (fp16 VAEs overflow) unless --fp16-vae.
+             Components: {', '.join(COMPONENTS)}.
+             """,
+             """\
+             sdtrt export out/tiny --out out/onnx
+             sdtrt export models/sd15 --out out/sd15-fp16 --dtype fp16
+             sdtrt export models/sd15 --out out/sd15-img2img --components text_encoder,unet,vae_decoder,vae_encoder
+             """)
+    p.add_argument("model_dir", type=Path, help="diffusers folder (holds model_index.json)")
+    p.add_argument("--out", required=True, type=Path, help="ONNX folder to write")
+    p.add_argument("--components", default=",".join(DEFAULT_COMPONENTS),
+                   help="comma-separated components; add vae_encoder for img2img/inpainting")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision of text encoder and UNet")
+    p.add_argument("--fp16-vae", action="store_true", help="export the VAE in fp16 too (may overflow: validation checks)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({MIN_OPSET}-{MAX_OPSET})")
+    p.add_argument("--height", type=int, help="image height used for validation inputs (default: the model's native size)")
+    p.add_argument("--width", type=int, help="image width used for validation inputs (default: the model's native size)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check (not recommended)")
+    p.add_argument("--allow-pickle", action="store_true", help="load .bin/.ckpt pickle weights (can run code: only for files you trust)")
+    p.add_argument("--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD, metavar="BYTES",
+                   help="store weights beside model.onnx (model.onnx.data) above this size; ONNX cannot hold more than 2 GiB")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(a: argparse.Namespace) -> None:
+    from .export import export_model
+
+    out = export_model(
+        a.model_dir, a.out, components=[c.strip() for c in a.components.split(",") if c.strip()], dtype=a.dtype,
+        opset=a.opset, force=a.force, validate_outputs=not a.no_validate, height=a.height, width=a.width,
+        fp16_vae=a.fp16_vae, allow_pickle=a.allow_pickle, external_data_threshold=a.external_data_threshold,
+        show_progress=not a.no_progress,
+    )
+    print(f"wrote ONNX to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdtrt", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sdtrt {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _make_model_parser(sub)
+    _export_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        args.run(args)
+    except SdtrtError as e:
+        print(f"sdtrt: error: {e.problem}", file=sys.stderr)
+        if e.fix:
+            print(f"  fix: {e.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdtrt: interrupted; nothing partial was left behind", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

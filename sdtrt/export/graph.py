@@ -1,0 +1,110 @@
+"""torch.onnx export, graph cleanup (constant folding, shape inference, toposort) and saving."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..components import ComponentSpec
+from ..errors import SdtrtError
+
+MIN_OPSET, MAX_OPSET = 17, 20  # 17 brings LayerNormalization; 20 is the newest the TorchScript exporter writes
+DEFAULT_OPSET = 17
+# ONNX's protobuf cannot hold more than 2 GiB, so larger models keep weights in MODEL.onnx.data.
+# The default leaves head-room under that hard limit; tests lower it to drive the path cheaply.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Constant folding must not turn a small Expand/Tile into a huge initializer.
+FOLD_SIZE_LIMIT = 16 << 20
+
+
+def check_opset(opset: int) -> None:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise SdtrtError(f"opset {opset} cannot be produced: sdtrt exports opsets {MIN_OPSET}-{MAX_OPSET}.",
+                         f"pass --opset {DEFAULT_OPSET} (the default; TensorRT and ONNX Runtime both take it) or another value in that range")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch's tracer warns about Python branches that are fine for these graphs; keep logs readable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def torch_to_onnx(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], spec: ComponentSpec, path: Path, opset: int) -> None:
+    """Trace `module` into `path` (a fresh folder per file: torch may write external tensors beside it)."""
+    axes = {t.name: t.dynamic_axes() for t in spec.inputs + spec.outputs if t.dynamic_axes()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(
+            module, inputs, str(path),
+            dynamo=False,  # the TorchScript exporter handles SD's dynamic shapes reliably
+            opset_version=opset,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+
+
+def _quiet_onnxruntime() -> None:
+    """Constant folding runs ONNX Runtime, whose optimizer logs harmless warnings per node."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+
+
+def initializer_bytes(model) -> int:
+    import onnx.numpy_helper  # noqa: F401  (ensures onnx is importable)
+
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.HasField("raw_data") else 0
+    return total
+
+
+def name_io_dims(model, spec: ComponentSpec) -> None:
+    """Give graph inputs/outputs the contract's dimension names (shape inference writes expressions
+    such as floor(2.0*h) for outputs, which tools then show instead of H)."""
+    values = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
+    for t in spec.inputs + spec.outputs:
+        dims = values[t.name].type.tensor_type.shape.dim
+        for axis, symbol in t.dynamic_axes().items():
+            dims[axis].dim_param = symbol
+
+
+def clean_and_save(raw_path: Path, out_path: Path, spec: ComponentSpec,
+                   external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> bool:
+    """Fold constants, infer shapes, toposort; save to `out_path`. Returns True if external data was used."""
+    import onnx
+    import onnx_graphsurgeon as gs
+    from polygraphy.backend.onnx import fold_constants, infer_shapes
+
+    model = onnx.load(str(raw_path))  # pulls in any external tensors torch wrote
+    logging.getLogger("polygraphy").setLevel(logging.ERROR)
+    _quiet_onnxruntime()
+    with _quiet(), contextlib.redirect_stdout(io.StringIO()):
+        model = fold_constants(model, num_passes=2, size_threshold=FOLD_SIZE_LIMIT, error_ok=True)
+        graph = gs.import_onnx(model)
+        graph.cleanup().toposort()
+        model = gs.export_onnx(graph)
+        model = infer_shapes(model, error_ok=True)
+    name_io_dims(model, spec)
+    external = initializer_bytes(model) > external_data_threshold
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if external:
+        onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out_path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(out_path))
+    return external
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

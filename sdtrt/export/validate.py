@@ -1,0 +1,100 @@
+"""Export validation: run each ONNX file in ONNX Runtime against its torch module on real-shaped inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..components import ComponentSpec
+from ..errors import SdtrtError
+
+# Relative error = max|onnx - torch| / max|torch|, per output, against the fp32 torch module.
+# fp32: ONNX Runtime and torch differ only in kernel order and fusions (~1e-6); 1e-3 leaves head-room
+#       for full-size models yet fails any changed weight.
+# fp16: the ONNX computes in half precision (about 3 decimal digits per op, over dozens of layers);
+#       measured on the tiny and sd15 models at well under 1e-2.
+TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"text_encoder": 1e-3, "unet": 1e-3, "vae_decoder": 1e-3, "vae_encoder": 1e-3},
+    "fp16": {"text_encoder": 2e-2, "unet": 2e-2, "vae_decoder": 2e-2, "vae_encoder": 2e-2},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    component: str
+    dtype: str
+    output: str
+    max_abs: float
+    rel: float
+    tol: float
+    finite: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.finite and self.rel <= self.tol
+
+
+class ValidationFailed(SdtrtError):
+    pass
+
+
+def ort_session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def compare(spec: ComponentSpec, dtype: str, onnx_path: Path, reference: torch.nn.Module,
+            inputs: tuple[torch.Tensor, ...]) -> list[Check]:
+    """One Check per output: the ONNX (fed inputs cast to its dtype) vs the fp32 torch module."""
+    with torch.no_grad():
+        ref = reference(*inputs)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    session = ort_session(onnx_path)
+    feeds = {}
+    for t, x in zip(spec.inputs, inputs):
+        feeds[t.name] = x.numpy().astype(t.concrete_dtype(dtype))
+    got = session.run(spec.output_names, feeds)
+    checks = []
+    for t, r, g in zip(spec.outputs, ref, got):
+        g64, r64 = g.astype(np.float64), r.double().numpy()
+        finite = bool(np.isfinite(g64).all())
+        err = float(np.abs(g64 - r64).max()) if finite else float("inf")
+        scale = max(float(np.abs(r64).max()), 1e-12)
+        checks.append(Check(spec.name, dtype, t.name, err, err / scale, TOLERANCES[dtype][spec.name], finite))
+    return checks
+
+
+def format_table(checks: list[Check]) -> str:
+    head = f"{'component':<13}{'dtype':<6}{'output':<20}{'max_abs':>10}{'rel':>10}{'tol':>9}  result"
+    rows = [head, "-" * len(head)]
+    for c in checks:
+        verdict = "ok" if c.ok else ("NaN/inf" if not c.finite else "MISMATCH")
+        rows.append(f"{c.component:<13}{c.dtype:<6}{c.output:<20}{c.max_abs:>10.2e}{c.rel:>10.2e}{c.tol:>9.0e}  {verdict}")
+    return "\n".join(rows)
+
+
+def raise_on_failure(checks: list[Check]) -> None:
+    bad = [c for c in checks if not c.ok]
+    if not bad:
+        return
+    table = format_table(checks)
+    overflow = [c for c in bad if not c.finite]
+    if overflow:
+        c = overflow[0]
+        raise ValidationFailed(
+            f"{c.component} overflowed in {c.dtype}: output '{c.output}' has inf/NaN.\n{table}",
+            "export with --dtype fp32" + (" or drop --fp16-vae (the VAE is fp32 by default)" if c.component.startswith("vae") else ""),
+        )
+    c = bad[0]
+    raise ValidationFailed(
+        f"{c.component} ({c.dtype}) does not match its torch module: output '{c.output}' relative error "
+        f"{c.rel:.2e} > tolerance {c.tol:.0e}. No ONNX directory was written.\n{table}",
+        "report this with the table above; --no-validate skips the check but the ONNX is then unverified",
+    )

@@ -1,0 +1,305 @@
+"""Model presets: diffusers folders with the real architectures (or tiny ones) and random weights.
+
+No model hub is reachable from where sdtrt is developed and tested, so presets are how models are
+made: the architecture and configs of the real checkpoints, weights drawn from a seeded RNG, and the
+real CLIP tokenizer vocabulary (which ships inside the `open_clip_torch` package).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_dir
+from .errors import SdtrtError, require
+
+_SD_SCHEDULER = {  # the scheduler_config.json of the SD 1.x / 2.x base checkpoints
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+_SD_VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.18215,
+}
+
+_SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+_SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    pipeline_class: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    scheduler_class: str
+    scheduler: dict[str, Any]
+    pad_token: str  # SD 1.x pads with <|endoftext|>; SD 2.x with "!" (id 0)
+
+    @property
+    def default_size(self) -> int:
+        """Pixels per side the model was trained at (latent sample_size times the VAE factor 8)."""
+        return int(self.unet["sample_size"]) * 8
+
+
+def _tiny_unet(**over: Any) -> dict[str, Any]:
+    cfg = {
+        "sample_size": 8,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 1,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    }
+    cfg.update(over)
+    return cfg
+
+
+# Four blocks keep the real VAE factor of 8 (pixels = 8 x latent) at a fraction of the size.
+_TINY_VAE = {
+    "block_out_channels": [16, 32, 32, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "scaling_factor": 0.18215,
+}
+
+
+def _tiny_text(hidden_act: str) -> dict[str, Any]:
+    # vocab_size stays 49408 so that every id the real tokenizer produces is valid.
+    return {
+        "vocab_size": 49408,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 3,
+        "max_position_embeddings": 77,
+        "projection_dim": 32,
+        "hidden_act": hidden_act,
+    }
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            name="tiny",
+            description="SD1.x-shaped toy model (~3M parameters, 64x64 images): tests and the demo",
+            pipeline_class="StableDiffusionPipeline",
+            unet=_tiny_unet(),
+            vae=_TINY_VAE,
+            text_encoder=_tiny_text("quick_gelu"),
+            scheduler_class="PNDMScheduler",
+            scheduler=_SD_SCHEDULER,
+            pad_token="<|endoftext|>",
+        ),
+        Preset(
+            name="tiny-sd2",
+            description="SD2.x-shaped toy model: v-prediction, linear projections, '!' padding",
+            pipeline_class="StableDiffusionPipeline",
+            unet=_tiny_unet(use_linear_projection=True, attention_head_dim=[2, 4], upcast_attention=True),
+            vae=_TINY_VAE,
+            text_encoder=_tiny_text("gelu"),
+            scheduler_class="DDIMScheduler",
+            scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
+            pad_token="!",
+        ),
+        Preset(
+            name="tiny-inpaint",
+            description="SD1.x-shaped toy inpainting model (9-channel UNet input)",
+            pipeline_class="StableDiffusionInpaintPipeline",
+            unet=_tiny_unet(in_channels=9),
+            vae=_TINY_VAE,
+            text_encoder=_tiny_text("quick_gelu"),
+            scheduler_class="PNDMScheduler",
+            scheduler=_SD_SCHEDULER,
+            pad_token="<|endoftext|>",
+        ),
+        Preset(
+            name="sd15",
+            description="Stable Diffusion 1.5 architecture (UNet 859.5M, CLIP ViT-L text encoder 123.1M)",
+            pipeline_class="StableDiffusionPipeline",
+            unet={
+                "sample_size": 64,
+                "block_out_channels": [320, 640, 1280, 1280],
+                "down_block_types": _SD_DOWN,
+                "up_block_types": _SD_UP,
+                "layers_per_block": 2,
+                "cross_attention_dim": 768,
+                "attention_head_dim": 8,
+                "norm_num_groups": 32,
+            },
+            vae={**_SD_VAE, "sample_size": 512},
+            text_encoder={
+                "vocab_size": 49408,
+                "hidden_size": 768,
+                "intermediate_size": 3072,
+                "num_attention_heads": 12,
+                "num_hidden_layers": 12,
+                "max_position_embeddings": 77,
+                "projection_dim": 768,
+                "hidden_act": "quick_gelu",
+            },
+            scheduler_class="PNDMScheduler",
+            scheduler=_SD_SCHEDULER,
+            pad_token="<|endoftext|>",
+        ),
+        Preset(
+            name="sd21",
+            description="Stable Diffusion 2.1 (768-v) architecture: OpenCLIP-H text encoder, v-prediction",
+            pipeline_class="StableDiffusionPipeline",
+            unet={
+                "sample_size": 96,
+                "block_out_channels": [320, 640, 1280, 1280],
+                "down_block_types": _SD_DOWN,
+                "up_block_types": _SD_UP,
+                "layers_per_block": 2,
+                "cross_attention_dim": 1024,
+                "attention_head_dim": [5, 10, 20, 20],
+                "use_linear_projection": True,
+                "upcast_attention": True,
+                "norm_num_groups": 32,
+            },
+            vae={**_SD_VAE, "sample_size": 768},
+            text_encoder={
+                "vocab_size": 49408,
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_attention_heads": 16,
+                "num_hidden_layers": 23,
+                "max_position_embeddings": 77,
+                "projection_dim": 512,
+                "hidden_act": "gelu",
+            },
+            scheduler_class="DDIMScheduler",
+            scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
+            pad_token="!",
+        ),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise SdtrtError(f"unknown preset '{name}'.", f"choose one of: {', '.join(PRESETS)}") from None
+
+
+# --- the CLIP tokenizer files --------------------------------------------------------------------
+
+
+def clip_bpe_path() -> Path:
+    """The CLIP BPE merges file that ships inside open_clip_torch (found without importing it)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise SdtrtError(
+            "the CLIP vocabulary comes from the open_clip_torch package, which is not installed.",
+            "pip install --no-deps open_clip_torch",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise SdtrtError(f"{path} is missing from open_clip_torch.", "pip install --force-reinstall --no-deps open_clip_torch")
+    return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """The 49408-entry CLIP vocabulary and its 48894 merges, as OpenAI's CLIP builds them."""
+    lines = gzip.open(clip_bpe_path(), "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # line 0 is a version header
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def write_tokenizer(folder: Path, pad_token: str) -> None:
+    """tokenizer/ as diffusers checkpoints have it, saved by transformers' own CLIPTokenizer."""
+    transformers = require("transformers", "export", "make-model")
+    vocab, merges = clip_vocab_and_merges()
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tok = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77)
+    tok.save_pretrained(str(folder))
+
+
+# --- building the folder -------------------------------------------------------------------------
+
+
+def build_components(preset: Preset, seed: int, device: str = "cpu") -> dict[str, Any]:
+    """Instantiate UNet, VAE, text encoder and scheduler with seeded random weights."""
+    import torch
+
+    diffusers = require("diffusers", "export", "make-model")
+    transformers = require("transformers", "export", "make-model")
+    with torch.device(device):
+        torch.manual_seed(seed)
+        unet = diffusers.UNet2DConditionModel(**preset.unet)
+        torch.manual_seed(seed + 1)
+        vae = diffusers.AutoencoderKL(**preset.vae)
+        torch.manual_seed(seed + 2)
+        text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**preset.text_encoder))
+    # from_config keeps unknown keys in the saved config, as the real checkpoints have them
+    scheduler = getattr(diffusers, preset.scheduler_class).from_config(preset.scheduler)
+    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "scheduler": scheduler}
+
+
+def make_model(preset_name: str, out: Path, seed: int = 0, force: bool = False) -> Path:
+    """Write a diffusers-format model folder for the preset; returns its path."""
+    preset = get_preset(preset_name)
+    diffusers = require("diffusers", "export", "make-model")
+    transformers = require("transformers", "export", "make-model")
+    clip_bpe_path()  # fail before any slow work if the vocabulary is missing
+    out = Path(out)
+    with atomic_dir(out, force) as tmp:
+        write_tokenizer(tmp / "tokenizer", preset.pad_token)
+        parts = build_components(preset, seed)
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tmp / "tokenizer"))
+        pipe_cls = getattr(diffusers, preset.pipeline_class)
+        pipe = pipe_cls(
+            tokenizer=tokenizer,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **parts,
+        )
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+    return out

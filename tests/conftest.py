@@ -1,0 +1,34 @@
+"""Shared fixtures: one tiny model and its exports per test session (seconds on a CPU)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from sdtrt.presets import make_model
+
+    return make_model("tiny", tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
+    """fp32 export of all four components, validated."""
+    from sdtrt.export import export_model
+
+    return export_model(tiny_model, tmp_path_factory.mktemp("onnx") / "fp32",
+                        components=["text_encoder", "unet", "vae_decoder", "vae_encoder"], show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_fp16(tiny_model, tmp_path_factory) -> Path:
+    from sdtrt.export import export_model
+
+    return export_model(tiny_model, tmp_path_factory.mktemp("onnx") / "fp16", dtype="fp16", show_progress=False)
