@@ -1,0 +1,96 @@
+"""Schedulers, one file each, torch only. `make(name, config)` builds one from a diffusers
+scheduler_config.json dict plus overrides; the numbers match diffusers' scheduler of that name.
+
+Names accepted (case and punctuation do not matter): ours, diffusers' class names, and the
+A1111 sampler names.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from ...errors import SdtrtError
+from .base import Scheduler
+from .common import config_from
+from .ddim import DDIM
+from .dpmpp_2m import DPMSolverPP
+from .euler import Euler
+from .euler_ancestral import EulerAncestral
+from .heun import Heun
+from .lcm import LCM
+from .lms import LMS
+from .pndm import PNDM
+from .unipc import UniPC
+
+# name -> (class, overrides the name implies)
+SCHEDULERS: dict[str, tuple[type[Scheduler], dict[str, Any]]] = {
+    "ddim": (DDIM, {}),
+    "pndm": (PNDM, {"skip_prk_steps": True}),
+    "euler": (Euler, {}),
+    "euler_karras": (Euler, {"use_karras_sigmas": True}),
+    "euler_ancestral": (EulerAncestral, {}),
+    "lms": (LMS, {}),
+    "lms_karras": (LMS, {"use_karras_sigmas": True}),
+    "heun": (Heun, {}),
+    "dpmpp_2m": (DPMSolverPP, {}),
+    "dpmpp_2m_karras": (DPMSolverPP, {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": (DPMSolverPP, {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_karras": (DPMSolverPP, {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": (UniPC, {}),
+    "lcm": (LCM, {}),
+}
+
+ALIASES: dict[str, str] = {
+    # diffusers class names
+    "ddimscheduler": "ddim",
+    "pndmscheduler": "pndm",
+    "eulerdiscretescheduler": "euler",
+    "eulerancestraldiscretescheduler": "euler_ancestral",
+    "lmsdiscretescheduler": "lms",
+    "heundiscretescheduler": "heun",
+    "dpmsolvermultistepscheduler": "dpmpp_2m",
+    "unipcmultistepscheduler": "unipc",
+    "lcmscheduler": "lcm",
+    # A1111 names (after normalisation: "DPM++ 2M Karras" -> "dpmpp_2m_karras")
+    "plms": "pndm",
+    "euler_a": "euler_ancestral",
+}
+
+
+def normalize(name: str) -> str:
+    key = name.strip().lower().replace("++", "pp")
+    return re.sub(r"[^a-z0-9]+", "_", key).strip("_")
+
+
+def resolve(name: str) -> str:
+    """Our canonical name for any accepted spelling."""
+    key = normalize(name)
+    key = ALIASES.get(key.replace("_", ""), ALIASES.get(key, key))
+    if key not in SCHEDULERS:
+        raise SdtrtError(f"unknown scheduler {name!r}.",
+                         f"choose one of: {', '.join(SCHEDULERS)} (diffusers class names and A1111 names such as 'Euler a' and 'DPM++ 2M Karras' work too)")
+    return key
+
+
+def make(name: str, config: Mapping[str, Any] | None = None, **overrides: Any) -> Scheduler:
+    """A scheduler configured from a model's scheduler_config.json (`config`) plus overrides."""
+    key = resolve(name)
+    cls, implied = SCHEDULERS[key]
+    cfg = config_from(cls.Config, config or {}, {**implied, **overrides}, key)
+    return cls(cfg)
+
+
+def diffusers_class_name(name: str) -> str:
+    """The diffusers class that `name` corresponds to (for benchmarks and parity tests)."""
+    cls = SCHEDULERS[resolve(name)][0]
+    return {DDIM: "DDIMScheduler", PNDM: "PNDMScheduler", Euler: "EulerDiscreteScheduler",
+            EulerAncestral: "EulerAncestralDiscreteScheduler", LMS: "LMSDiscreteScheduler", Heun: "HeunDiscreteScheduler",
+            DPMSolverPP: "DPMSolverMultistepScheduler", UniPC: "UniPCMultistepScheduler", LCM: "LCMScheduler"}[cls]
+
+
+def implied_overrides(name: str) -> dict[str, Any]:
+    return dict(SCHEDULERS[resolve(name)][1])
+
+
+__all__ = ["Scheduler", "SCHEDULERS", "make", "resolve", "diffusers_class_name", "implied_overrides"]

@@ -1,0 +1,57 @@
+"""The scheduler protocol every sampler implements.
+
+A scheduler instance runs one trajectory at a time: `set_timesteps(n)` (re)starts it, then each
+`step` advances one position along `timesteps`. The position is an explicit counter, never looked
+up from the timestep value, so repeated timestep values (Heun, PLMS) are unambiguous. The pipeline
+makes a fresh scheduler per call, so instances are never shared across threads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .common import BaseConfig
+
+
+class Scheduler:
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseConfig]]
+    order: ClassVar[int] = 1  # model evaluations per solver step (Heun: 2)
+    stochastic: ClassVar[bool] = False  # draws noise in step()
+
+    def __init__(self, config: BaseConfig):
+        self.config = config
+        self.timesteps = torch.empty(0)
+        self.step_index = 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    @property
+    def init_noise_sigma(self) -> float | torch.Tensor:
+        return 1.0
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        raise NotImplementedError
+
+    def set_begin_index(self, index: int) -> None:
+        """Start the trajectory part-way (img2img / inpainting strength)."""
+        self.step_index = index
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_steps(self, n: int) -> None:
+        from ...errors import SdtrtError
+
+        if not isinstance(n, int) or n < 1:
+            raise SdtrtError(f"steps must be a positive integer, got {n!r}.", "pass steps=1 or more")
+        if n > self.config.num_train_timesteps:
+            raise SdtrtError(f"{n} steps exceed the model's {self.config.num_train_timesteps} training timesteps.",
+                             f"pass at most {self.config.num_train_timesteps} steps")

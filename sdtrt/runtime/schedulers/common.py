@@ -1,0 +1,203 @@
+"""What every scheduler shares: the typed config base, the training noise schedule, timestep spacing
+and sigma helpers.
+
+Numerics follow diffusers' precision path on purpose: tensors that diffusers keeps in float32
+(betas, alphas_cumprod, final sigmas) are float32 here, and what it computes in numpy float64
+(spacings, interpolation, Karras ramps) is float64 here, with numpy's own formulas, so that the
+same config gives the same numbers to ~1e-7.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence, TypeVar
+
+import torch
+
+from ...errors import SdtrtError
+
+F32, F64 = torch.float32, torch.float64
+
+
+@dataclasses.dataclass
+class BaseConfig:
+    """Fields every scheduler has. Defaults are diffusers' (the SD checkpoints override most)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"  # linear | scaled_linear | squaredcos_cap_v2
+    trained_betas: Sequence[float] | None = None
+    prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
+    timestep_spacing: str = "linspace"  # linspace | leading | trailing
+    steps_offset: int = 0
+
+
+C = TypeVar("C", bound=BaseConfig)
+
+
+def config_from(cls: type[C], config: Mapping[str, Any], overrides: Mapping[str, Any], scheduler: str) -> C:
+    """Build `cls` from a scheduler_config.json dict (unknown keys ignored, as diffusers does) plus
+    user overrides (unknown keys refused, so typos do not pass silently)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise SdtrtError(f"scheduler '{scheduler}' has no option(s) {', '.join(bad)}.", f"valid options: {', '.join(sorted(names))}")
+    values = {k: v for k, v in config.items() if k in names}
+    values.update(overrides)
+    cfg = cls(**values)
+    for field, allowed in (("prediction_type", ("epsilon", "v_prediction", "sample")),
+                           ("timestep_spacing", ("linspace", "leading", "trailing")),
+                           ("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))):
+        if getattr(cfg, field) not in allowed:
+            raise SdtrtError(f"scheduler '{scheduler}': {field}={getattr(cfg, field)!r} is not supported.", f"use one of {', '.join(allowed)}")
+    return cfg
+
+
+# --- the training noise schedule -----------------------------------------------------------------
+
+
+def _cosine_betas(n: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal (2021), eq. 17: betas from alpha_bar(t) = cos^2((t + s) / (1 + s) * pi / 2), s = 0.008."""
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], dtype=F32)
+
+
+def _zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2024), Algorithm 1: shift and scale sqrt(alpha_bar) so the last step has SNR 0."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    bar = root**2
+    alphas = torch.cat([bar[0:1], bar[1:] / bar[:-1]])
+    return 1 - alphas
+
+
+def alphas_cumprod(cfg: BaseConfig, zero_snr: bool = False) -> torch.Tensor:
+    """alpha_bar_t for t = 0..T-1, float32 (as the checkpoints' schedulers compute it)."""
+    n = cfg.num_train_timesteps
+    if cfg.trained_betas is not None:
+        betas = torch.tensor(cfg.trained_betas, dtype=F32)
+    elif cfg.beta_schedule == "linear":
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=F32)
+    elif cfg.beta_schedule == "scaled_linear":
+        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=F32) ** 2
+    else:
+        betas = _cosine_betas(n)
+    if zero_snr:
+        betas = _zero_terminal_snr(betas)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def train_sigmas(ac: torch.Tensor) -> torch.Tensor:
+    """Karras-style noise levels sigma_t = sqrt((1 - alpha_bar) / alpha_bar), float32, t ascending."""
+    return ((1 - ac) / ac) ** 0.5
+
+
+# --- numpy's float64 building blocks, reproduced in torch ----------------------------------------
+
+
+def linspace(start: float, stop: float, num: int) -> torch.Tensor:
+    """numpy.linspace (endpoint included): start + i * step, last element exactly `stop`."""
+    if num == 1:
+        return torch.tensor([float(start)], dtype=F64)
+    step = (stop - start) / (num - 1)
+    y = torch.arange(num, dtype=F64) * step + start
+    y[-1] = stop
+    return y
+
+
+def arange_down(start: float, step: float) -> torch.Tensor:
+    """numpy.arange(start, 0, -step) for a float step: values start + i * (first difference)."""
+    num = math.ceil((0 - start) / -step)
+    delta = (start - step) - start  # numpy fills from its first two elements' difference
+    y = start + torch.arange(num, dtype=F64) * delta
+    if num > 1:
+        y[1] = start - step
+    return y
+
+
+def linspace_open(start: float, stop: float, num: int) -> torch.Tensor:
+    """numpy.linspace(start, stop, num, endpoint=False)."""
+    return torch.arange(num, dtype=F64) * ((stop - start) / num) + start
+
+
+def interp(x: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """numpy.interp(x, arange(len(fp)), fp) in float64, including its exact-hit rule."""
+    fp = fp.to(F64)
+    x = x.to(F64)
+    j = x.floor().clamp(0, len(fp) - 2).long()
+    slope = fp[j + 1] - fp[j]
+    out = slope * (x - j.to(F64)) + fp[j]
+    out = torch.where(x == j.to(F64), fp[j], out)
+    return torch.where(x >= len(fp) - 1, fp[-1], torch.where(x <= 0, fp[0], out))
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022), eq. 5: sigma_i = (max^(1/rho) + i/(n-1) * (min^(1/rho) - max^(1/rho)))^rho."""
+    ramp = linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigmas: torch.Tensor, log_train_sigmas: torch.Tensor) -> torch.Tensor:
+    """Fractional training timestep of each sigma, by linear interpolation in log-sigma.
+
+    `log_train_sigmas` is float32 (as diffusers has it); the interpolation weight's denominator is
+    therefore a float32 difference, which we keep.
+    """
+    log_sigma = torch.log(sigmas.to(F64).clamp(min=1e-10))
+    dists = log_sigma[None, :] - log_train_sigmas.to(F64)[:, None]
+    hits = torch.cumsum((dists >= 0).long(), dim=0)
+    low = hits.argmax(dim=0)  # first index of the maximum = last index where log_sigma >= table
+    # torch.argmax returns the first maximal index, as numpy does
+    low = low.clamp(max=len(log_train_sigmas) - 2)
+    high = low + 1
+    lo32, hi32 = log_train_sigmas[low], log_train_sigmas[high]
+    w = ((lo32.to(F64) - log_sigma) / (lo32 - hi32).to(F64)).clamp(0, 1)
+    return (1 - w) * low.to(F64) + w * high.to(F64)
+
+
+def prediction_to_x0_eps(prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor,
+                         alpha_prod_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, epsilon) from a model output in alpha_bar parametrisation (DDPM, eq. 15; Salimans & Ho 2022 for v)."""
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        return (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - alpha_prod_t**0.5 * model_output) / beta_prod_t**0.5
+    return alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output, alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+
+
+def refuse(name: str, what: str, fix: str) -> SdtrtError:
+    return SdtrtError(f"scheduler '{name}' does not support {what}.", fix)
+
+
+# --- the sigma (k-diffusion style) samplers: Euler, Euler a, LMS, Heun ---------------------------
+
+
+def float_timesteps(cfg: BaseConfig, n: int) -> torch.Tensor:
+    """Descending timesteps as float32 values, the way the sigma-based samplers space them."""
+    T = cfg.num_train_timesteps
+    if cfg.timestep_spacing == "linspace":
+        return linspace(0, T - 1, n).to(F32).flip(0)
+    if cfg.timestep_spacing == "leading":
+        return (torch.arange(n, dtype=F64) * (T // n)).flip(0).to(F32) + cfg.steps_offset
+    return arange_down(T, T / n).round().to(F32) - 1
+
+
+def scaled_by_sigma(sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Model input at noise level sigma: x / sqrt(sigma^2 + 1) (Karras et al. 2022, c_in)."""
+    return sample / (sigma**2 + 1) ** 0.5
+
+
+def sigma_x0(prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Denoised estimate at noise level sigma (sample is x = x0 + sigma * eps)."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    return model_output

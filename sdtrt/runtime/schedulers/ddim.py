@@ -1,0 +1,73 @@
+"""DDIM (Song et al., 2021, "Denoising Diffusion Implicit Models").
+
+x_{t-1} = sqrt(a_{t-1}) x0 + sqrt(1 - a_{t-1} - s_t^2) eps + s_t z          (eq. 12)
+s_t     = eta sqrt((1 - a_{t-1}) / (1 - a_t)) sqrt(1 - a_t / a_{t-1})        (eq. 16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..noise import randn
+from .base import Scheduler
+from .common import BaseConfig, F64, alphas_cumprod, arange_down, linspace, prediction_to_x0_eps, refuse
+
+
+@dataclasses.dataclass
+class Config(BaseConfig):
+    timestep_spacing: str = "leading"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = True
+    rescale_betas_zero_snr: bool = False
+    thresholding: bool = False
+    eta: float = 0.0  # 0: deterministic DDIM; 1: DDPM-like. diffusers passes it to step(); here it is config.
+
+
+def discrete_timesteps(cfg: BaseConfig, n: int) -> torch.Tensor:
+    """Integer timesteps, descending, for the alpha-based samplers (DDIM, PNDM): float64 values."""
+    T = cfg.num_train_timesteps
+    if cfg.timestep_spacing == "linspace":
+        return linspace(0, T - 1, n).round().flip(0)
+    if cfg.timestep_spacing == "leading":
+        return (torch.arange(n, dtype=F64) * (T // n)).flip(0) + cfg.steps_offset
+    return arange_down(T, T / n).round() - 1
+
+
+class DDIM(Scheduler):
+    name = "ddim"
+    Config = Config
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        if config.thresholding:
+            raise refuse(self.name, "thresholding (pixel-space models)", "set thresholding=False")
+        self.alphas_cumprod = alphas_cumprod(config, config.rescale_betas_zero_snr)
+        self.final_alpha_cumprod = torch.tensor(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
+        self.stochastic = config.eta > 0
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        self._check_steps(num_inference_steps)
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = discrete_timesteps(self.config, num_inference_steps).long()
+        self.step_index = 0
+
+    def step(self, model_output, timestep, sample, generator=None):
+        cfg = self.config
+        t = int(self.timesteps[self.step_index])
+        # diffusers steps back by T // n whatever the spacing; kept for parity
+        prev_t = t - cfg.num_train_timesteps // self.num_inference_steps
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        x0, eps = prediction_to_x0_eps(cfg.prediction_type, model_output, sample, a_t)
+        if cfg.clip_sample:
+            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = cfg.eta * variance**0.5
+        prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+        if cfg.eta > 0:
+            prev = prev + std * randn(model_output.shape, generator, model_output.device, model_output.dtype)
+        self.step_index += 1
+        return prev

@@ -1,0 +1,63 @@
+"""Euler ancestral (k-diffusion's sample_euler_ancestral; Karras et al. 2022 with eta = 1).
+
+Step to sigma_down with Euler, then add fresh noise of size sigma_up, where
+sigma_up = sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2), sigma_down = sqrt(sigma_next^2 - sigma_up^2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..noise import randn
+from .base import Scheduler
+from .common import F32, BaseConfig, alphas_cumprod, refuse, scaled_by_sigma, sigma_x0
+from .euler import init_noise_sigma, sigma_schedule
+
+
+@dataclasses.dataclass
+class Config(BaseConfig):
+    rescale_betas_zero_snr: bool = False
+
+
+class EulerAncestral(Scheduler):
+    name = "euler_ancestral"
+    Config = Config
+    stochastic = True
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        if config.prediction_type == "sample":
+            raise refuse(self.name, "prediction_type=sample", "use epsilon or v_prediction")
+        self.alphas_cumprod = alphas_cumprod(config, config.rescale_betas_zero_snr)
+        if config.rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = 2**-24
+        self.sigmas = torch.empty(0)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        self._check_steps(num_inference_steps)
+        self.timesteps, sigmas = sigma_schedule(self.config, num_inference_steps, self.alphas_cumprod, karras=False)
+        self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(F32)
+        self.step_index = 0
+
+    @property
+    def init_noise_sigma(self):
+        return init_noise_sigma(self.sigmas, self.config.timestep_spacing)
+
+    def scale_model_input(self, sample, timestep=None):
+        return scaled_by_sigma(sample, self.sigmas[self.step_index])
+
+    def step(self, model_output, timestep, sample, generator=None):
+        i = self.step_index
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        sample = sample.to(F32)
+        x0 = sigma_x0(self.config.prediction_type, model_output, sample, sigma)
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        derivative = (sample - x0) / sigma
+        prev = sample + derivative * (sigma_down - sigma)
+        # noise is drawn on every step, the last included (sigma_up = 0 there), as diffusers does
+        prev = prev + randn(model_output.shape, generator, model_output.device, model_output.dtype) * sigma_up
+        self.step_index += 1
+        return prev.to(model_output.dtype)

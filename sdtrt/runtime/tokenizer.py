@@ -1,0 +1,223 @@
+"""CLIP's byte-level BPE tokenizer, standard library only.
+
+Gives the ids that transformers' CLIPTokenizer (the class StableDiffusionPipeline loads, with ftfy
+installed, transformers 4.57) gives for the same tokenizer folder: see `text_cleaning` for the text
+normalisation and its one documented gap (mojibake repair). Known, deliberate details it reproduces:
+
+* added tokens in tokenizer_config.json are split out first and never BPE'd. For SD2 tokenizers the
+  pad token "!" is such a token, so a literal "!" in a prompt becomes id 0 (not "!</w>", 256),
+  and "!!!" three times id 0 - exactly what diffusers feeds SD2 models.
+* "<|endoftext|>" typed in a prompt in any case becomes the special id (the pre-tokenizer matches it
+  case-insensitively after lower-casing).
+* digits are split one per token; letters, and runs of other symbols, form words.
+* Unicode classes come from Python's `unicodedata` (Unicode 14 on Python 3.11); transformers' `regex`
+  module may know newer characters. Characters assigned after that version can split differently.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import unicodedata
+from pathlib import Path
+
+import torch
+
+from .text_cleaning import WHITESPACE, clean
+
+log = logging.getLogger("sdtrt")
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+_SPECIAL_LITERALS = (BOS, EOS)
+_CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
+_LETTER, _NUMBER, _SPACE, _OTHER, _NONE = range(5)
+
+
+@functools.lru_cache(maxsize=65536)
+def _kind(c: str) -> int:
+    if c in WHITESPACE:
+        return _SPACE
+    if c == "\u0345":  # a mark whose upper case is a letter: CLIP's case-insensitive pattern skips it
+        return _NONE
+    cat = unicodedata.category(c)
+    return _LETTER if cat[0] == "L" else _NUMBER if cat[0] == "N" else _OTHER
+
+
+def _fold(s: str) -> str:
+    return "".join(c.casefold() if len(c.casefold()) == 1 else c for c in s)
+
+
+# The same pattern for ASCII text, where stdlib `re` classes agree with the Unicode ones.
+_ASCII_WORDS = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+", re.IGNORECASE)
+
+
+def pre_tokenize(text: str) -> list[str]:
+    """CLIP's word split: specials | contractions | letter runs | single digits | other-symbol runs."""
+    if text.isascii():
+        return _ASCII_WORDS.findall(text)
+    words, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "<":
+            lit = next((s for s in _SPECIAL_LITERALS if _fold(text[i : i + len(s)]) == s), None)
+            if lit:
+                words.append(lit)
+                i += len(lit)
+                continue
+        if c == "'":
+            con = next((s for s in _CONTRACTIONS if _fold(text[i : i + len(s)]) == s), None)
+            if con:
+                words.append(text[i : i + len(con)])
+                i += len(con)
+                continue
+        kind = _kind(c)
+        if kind == _NUMBER:
+            words.append(c)
+            i += 1
+        elif kind in (_LETTER, _OTHER):
+            j = i + 1
+            while j < n and _kind(text[j]) == kind:
+                j += 1
+            words.append(text[i:j])
+            i = j
+        else:
+            i += 1
+    return words
+
+
+def _byte_chars() -> list[str]:
+    """Byte b -> the printable character CLIP's vocabulary uses for it (GPT-2's reversible map)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+_BYTE_CHARS = _byte_chars()
+
+
+class CLIPTokenizer:
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = EOS,
+                 added_tokens: dict[str, dict] | None = None, max_length: int = 77):
+        self.vocab = vocab
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
+        self.pad_id = vocab[pad_token]
+        self.max_length = max_length
+        # content -> (id, lstrip, rstrip); longest first so that a longer token wins at a position
+        added = added_tokens or {BOS: {"id": self.bos_id}, EOS: {"id": self.eos_id}}
+        self.added = {k: (v["id"], bool(v.get("lstrip")), bool(v.get("rstrip"))) for k, v in added.items()}
+        self._added_re = re.compile("|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)))
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    @classmethod
+    def from_dir(cls, folder: Path | str) -> "CLIPTokenizer":
+        folder = Path(folder)
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").strip().split("\n")
+        merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # CLIP's merge count
+        config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
+        pad = config.get("pad_token", EOS)
+        pad = pad["content"] if isinstance(pad, dict) else pad
+        added = {v["content"]: {"id": int(k), **v} for k, v in config.get("added_tokens_decoder", {}).items()}
+        for special in (BOS, EOS):
+            added.setdefault(special, {"id": vocab[special]})
+        return cls(vocab, merges, pad, added, int(config.get("model_max_length", 77)))
+
+    # --- text -> ids ---------------------------------------------------------------------------
+
+    def _bpe(self, word: str) -> tuple[int, ...]:
+        """Ids for one pre-tokenized word (cached: prompts repeat words constantly)."""
+        hit = self._cache.get(word)
+        if hit is not None:
+            return hit
+        if word in _SPECIAL_LITERALS:
+            ids = (self.vocab[word],)
+        else:
+            chars = "".join(_BYTE_CHARS[b] for b in word.encode("utf-8"))
+            parts = [*chars[:-1], chars[-1] + "</w>"]
+            while len(parts) > 1:
+                # merge the adjacent pair with the lowest rank, everywhere it occurs
+                best = min(range(len(parts) - 1), key=lambda i: self.ranks.get((parts[i], parts[i + 1]), 1 << 30))
+                pair = (parts[best], parts[best + 1])
+                if pair not in self.ranks:
+                    break
+                merged, i = [], 0
+                while i < len(parts):
+                    if i < len(parts) - 1 and (parts[i], parts[i + 1]) == pair:
+                        merged.append(parts[i] + parts[i + 1])
+                        i += 2
+                    else:
+                        merged.append(parts[i])
+                        i += 1
+                parts = merged
+            ids = tuple(self.vocab.get(p, self.eos_id) for p in parts)
+        if len(self._cache) < 100_000:
+            self._cache[word] = ids
+        return ids
+
+    def _split_added(self, text: str) -> list[tuple[str, int | None]]:
+        """Cut the text at added tokens (as transformers' trie does); (chunk, id or None)."""
+        out: list[tuple[str, int | None]] = []
+        start = 0
+        for m in self._added_re.finditer(text):
+            if m.start() < start:  # inside whitespace an rstrip token already consumed
+                continue
+            tid, lstrip, rstrip = self.added[m.group(0)]
+            left = text[start : m.start()]
+            out.append((left.rstrip() if lstrip else left, None))
+            out.append((m.group(0), tid))
+            start = m.end()
+            if rstrip:
+                while start < len(text) and text[start].isspace():
+                    start += 1
+        out.append((text[start:], None))
+        return [(c, t) for c, t in out if c or t is not None]
+
+    def token_ids(self, text: str) -> list[int]:
+        """Ids of the text alone: no bos/eos, no truncation."""
+        ids: list[int] = []
+        for chunk, tid in self._split_added(text):
+            if tid is not None:
+                ids.append(tid)
+            else:
+                for word in pre_tokenize(clean(chunk)):
+                    ids.extend(self._bpe(word))
+        return ids
+
+    def encode(self, prompts: list[str] | str) -> torch.Tensor:
+        """LongTensor [B, 77]: bos, up to 75 ids, eos, then padding - as diffusers tokenizes prompts."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        room = self.max_length - 2
+        rows = []
+        for p in prompts:
+            ids = self.token_ids(p)
+            if len(ids) > room:
+                log.warning("The following part of your input was truncated because CLIP can only handle sequences "
+                            "up to %d tokens: %r", self.max_length, self.decode(ids[room:]))
+                ids = ids[:room]
+            row = [self.bos_id, *ids, self.eos_id]
+            rows.append(row + [self.pad_id] * (self.max_length - len(row)))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text for ids (for messages such as the truncation warning)."""
+        if not hasattr(self, "_inverse"):
+            self._inverse = {v: k for k, v in self.vocab.items()}
+            self._byte_of = {c: b for b, c in enumerate(_BYTE_CHARS)}
+        data = bytearray()
+        for i in ids:
+            tok = self._inverse.get(i, "")
+            if tok in _SPECIAL_LITERALS:
+                continue
+            data += bytes(self._byte_of[c] for c in tok.removesuffix("</w>") if c in self._byte_of)
+            if tok.endswith("</w>"):
+                data += b" "
+        return data.decode("utf-8", errors="replace").strip()
