@@ -18,8 +18,10 @@ sdtrt turns a Stable Diffusion model in diffusers format into deployable artifac
                                    '------ ONNX Runtime runs the ONNX dir directly ------'
 
 Start here (tiny random-weight model, CPU, a minute):
-  sdtrt make-model --preset tiny --out out/tiny
+  sdtrt generate "a watercolor fox" --out fox.png          # the embedded tiny demo model
+  sdtrt make-model --preset tiny --out out/tiny             # or step by step:
   sdtrt export out/tiny --out out/onnx
+  sdtrt generate "a watercolor fox" --model out/onnx --seed 42 --out fox.png
 """
 
 
@@ -119,12 +121,101 @@ def _run_export(a: argparse.Namespace) -> None:
     print(f"wrote ONNX to {out}")
 
 
+def _generate_parser(sub) -> None:
+    from .runtime.schedulers import SCHEDULERS
+
+    p = _add(sub, "generate", "make images from a prompt with an ONNX or engine directory",
+             """\
+             Text to image with the lean runtime. --model takes an ONNX directory (runs on ONNX Runtime)
+             or an engine directory (runs on TensorRT); without --model, a tiny random-weight demo model is
+             made and exported once into ~/.cache/sdtrt (or $SDTRT_CACHE).
+
+             PNGs carry an A1111-style "parameters" text chunk (prompt, negative prompt, steps, sampler,
+             CFG scale, seed, size, model hash), so other tools can read back how an image was made.
+             Same model + settings + seed gives the image diffusers' StableDiffusionPipeline gives.
+             """,
+             """\
+             sdtrt generate "a watercolor fox" --out fox.png
+             sdtrt generate "a watercolor fox" --model out/onnx --scheduler "DPM++ 2M Karras" --steps 25 --seed 42
+             sdtrt generate "a cat" "a dog" --negative-prompt blurry --num-images 2 --out out/images/
+             """)
+    p.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
+    p.add_argument("--model", type=Path, help="ONNX dir (sdtrt export) or engine dir (sdtrt build); default: the tiny demo model")
+    p.add_argument("--negative-prompt", action="append", help="negative prompt; give once for all prompts or once per prompt")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--guidance-scale", "--cfg", type=float, default=7.5, help="classifier-free guidance; <= 1 turns it off (half the UNet work)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="rescale guided noise toward the conditional std (0.7 for zero-SNR models)")
+    p.add_argument("--scheduler", "--sampler", help=f"sampler (default: the model's own). One of {', '.join(SCHEDULERS)}, "
+                                                    "or a diffusers class / A1111 name such as 'DPM++ 2M Karras'")
+    p.add_argument("--scheduler-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="scheduler config override, e.g. timestep_spacing=trailing (repeatable)")
+    p.add_argument("--seed", type=int, help="random seed (default: a random one, printed and stored in the PNG)")
+    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--clip-skip", type=int, help="use the text encoder's hidden states this many layers before the last")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="auto: by directory kind")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.add_argument("--out", type=Path, default=Path("image.png"), help="PNG path, or a directory (ending in /) for several images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_generate)
+
+
+def _parse_options(items: list[str]) -> dict:
+    import json
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SdtrtError(f"--scheduler-option {item!r} is not KEY=VALUE.", "write e.g. --scheduler-option timestep_spacing=trailing")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def _output_paths(out: Path, n: int, trailing_slash: bool) -> list[Path]:
+    if trailing_slash or out.is_dir():
+        return [out / f"image-{i}.png" for i in range(n)]
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(n)]
+
+
+def _run_generate(a: argparse.Namespace) -> None:
+    from .default_model import default_onnx_dir
+    from .runtime.images import a1111_parameters, save_png
+    from .runtime.pipeline import Pipeline
+
+    model = a.model or default_onnx_dir(log=lambda m: print(m, file=sys.stderr))
+    options = {"threads": a.threads} if a.backend != "tensorrt" and a.threads else {}
+    if a.device:
+        options["device"] = a.device
+    pipe = Pipeline.load(model, backend=a.backend, **options)
+    negative = a.negative_prompt[0] if a.negative_prompt and len(a.negative_prompt) == 1 else a.negative_prompt
+    result = pipe(a.prompt, negative_prompt=negative, num_images_per_prompt=a.num_images, steps=a.steps,
+                  guidance_scale=a.guidance_scale, guidance_rescale=a.guidance_rescale, scheduler=a.scheduler,
+                  scheduler_options=_parse_options(a.scheduler_option), seed=a.seed, height=a.height, width=a.width,
+                  clip_skip=a.clip_skip, progress=not a.no_progress)
+    paths = _output_paths(a.out, len(result.images), str(a.out).endswith(os.sep))
+    for image, params, path in zip(result.images, result.parameters, paths):
+        save_png(image, path, a1111_parameters(params))
+        print(f"wrote {path}")
+    t = result.timings
+    print(f"seed {result.seed}; text encoder {t['text_encoder']:.3f}s, denoise {t['denoise']:.3f}s "
+          f"({t['unet_calls']} UNet calls), VAE decode {t['vae_decoder']:.3f}s, total {t['total']:.3f}s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtrt", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sdtrt {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _make_model_parser(sub)
     _export_parser(sub)
+    _generate_parser(sub)
     return parser
 
 

@@ -115,3 +115,24 @@ def sizes_for(batch: int, height: int, width: int, *, cfg: bool = True, text_dim
         "H": height,
         "W": width,
     }
+
+
+def resolve_sizes(spec: ComponentSpec, input_shapes: Mapping[str, tuple[int, ...]], fixed: Mapping[str, int]) -> dict[str, int]:
+    """Symbol values implied by concrete input shapes (plus model constants such as D and K)."""
+    sizes = dict(fixed)
+    for t in spec.inputs:
+        for d, n in zip(t.dims, input_shapes[t.name]):
+            if isinstance(d, str):
+                sizes[d] = int(n)
+    if "h" in sizes:
+        sizes.setdefault("H", sizes["h"] * VAE_FACTOR)
+        sizes.setdefault("W", sizes["w"] * VAE_FACTOR)
+    if "H" in sizes:
+        sizes.setdefault("h", sizes["H"] // VAE_FACTOR)
+        sizes.setdefault("w", sizes["W"] // VAE_FACTOR)
+    return sizes
+
+
+def output_shapes(spec: ComponentSpec, input_shapes: Mapping[str, tuple[int, ...]], fixed: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    sizes = resolve_sizes(spec, input_shapes, fixed)
+    return {t.name: t.shape(sizes) for t in spec.outputs}

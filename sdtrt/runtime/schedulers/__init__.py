@@ -58,6 +58,17 @@ ALIASES: dict[str, str] = {
 }
 
 
+DISPLAY_NAMES = {  # A1111's names, written into PNG parameters so other tools read them back
+    "ddim": "DDIM", "pndm": "PLMS", "euler": "Euler", "euler_karras": "Euler Karras", "euler_ancestral": "Euler a",
+    "lms": "LMS", "lms_karras": "LMS Karras", "heun": "Heun", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras", "unipc": "UniPC", "lcm": "LCM",
+}
+
+
+def display_name(name: str) -> str:
+    return DISPLAY_NAMES[resolve(name)]
+
+
 def normalize(name: str) -> str:
     key = name.strip().lower().replace("++", "pp")
     return re.sub(r"[^a-z0-9]+", "_", key).strip("_")
@@ -93,4 +104,4 @@ def implied_overrides(name: str) -> dict[str, Any]:
     return dict(SCHEDULERS[resolve(name)][1])
 
 
-__all__ = ["Scheduler", "SCHEDULERS", "make", "resolve", "diffusers_class_name", "implied_overrides"]
+__all__ = ["Scheduler", "SCHEDULERS", "make", "resolve", "display_name", "diffusers_class_name", "implied_overrides"]

@@ -1,0 +1,34 @@
+"""Backends: `load(name, model_dir, ...)` returns an object following `base.Backend`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import SdtrtError
+from ..artifacts import ModelDir
+from .base import Backend
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+def load(name: str, model: ModelDir, **options: Any) -> Backend:
+    if name == "auto":
+        name = "tensorrt" if model.kind == "engines" else "onnxruntime"
+    if name == "onnxruntime":
+        if model.kind == "engines":
+            raise SdtrtError(f"{model.root} holds TensorRT engines, which ONNX Runtime cannot run.",
+                             "use backend='tensorrt', or point at the ONNX directory the engines were built from")
+        from .onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(model, **options)
+    if name == "tensorrt":
+        if model.kind != "engines":
+            raise SdtrtError(f"{model.root} is an ONNX directory; the tensorrt backend runs engines.",
+                             f"build engines first: sdtrt build {model.root} --out ENGINE_DIR (or use backend='onnxruntime')")
+        from .tensorrt import TensorRTBackend
+
+        return TensorRTBackend(model, **options)
+    raise SdtrtError(f"unknown backend {name!r}.", f"choose one of: auto, {', '.join(BACKENDS)}")
+
+
+__all__ = ["Backend", "BACKENDS", "load"]
