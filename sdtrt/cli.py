@@ -209,13 +209,95 @@ def _run_generate(a: argparse.Namespace) -> None:
           f"({t['unet_calls']} UNet calls), VAE decode {t['vae_decoder']:.3f}s, total {t['total']:.3f}s")
 
 
+def _build_parser(sub) -> None:
+    from .engines.toolkit import RTX_TARGETS
+
+    p = _add(sub, "build", "build TensorRT / TensorRT-RTX engines from an ONNX directory",
+             f"""\
+             Build one engine per component from an ONNX directory, with strongly typed networks (an fp16
+             ONNX gives an fp16 engine; fp32 parts may use TF32). Profiles come from your ranges:
+             --batch is images per call, --height/--width are pixels (one value = static). The UNet's
+             profile covers B (guidance off) to 2 x B_max (guidance on), latents are pixels / 8.
+
+             --backend tensorrt-rtx builds ahead of time for --target GPUs ({', '.join(RTX_TARGETS)}),
+             on any machine, GPU or not. --backend tensorrt builds for the local GPU (needs one, and the
+             tensorrt package). Identical inputs and flags reuse cached engines instead of rebuilding.
+             engines.json records versions, targets, profiles and hashes; `sdtrt inspect` shows it.
+             """,
+             """\
+             sdtrt build out/onnx --out out/engines --target sm86,sm89
+             sdtrt build out/sd15-fp16 --out out/sd15-rtx --target sm89 --batch 1:1:4 --height 512:512:768 --width 512:512:768
+             sdtrt build out/sd15-fp16 --out out/sd15-trt --backend tensorrt --timing-cache out/timing.cache
+             """)
+    p.add_argument("onnx_dir", type=Path, help="ONNX directory written by `sdtrt export`")
+    p.add_argument("--out", required=True, type=Path, help="engine directory to write")
+    p.add_argument("--backend", choices=["tensorrt-rtx", "tensorrt"], default="tensorrt-rtx", help="which TensorRT library builds")
+    p.add_argument("--batch", default="1:1:4", help="images per call, MIN:OPT:MAX or one value")
+    p.add_argument("--height", help="pixels, MIN:OPT:MAX or one value, multiples of 8 (default: the model's native size, static)")
+    p.add_argument("--width", help="pixels, MIN:OPT:MAX or one value, multiples of 8 (default: the model's native size, static)")
+    p.add_argument("--target", help="compute capabilities for tensorrt-rtx, comma-separated (default: the local GPU; required without one)")
+    p.add_argument("--components", help="comma-separated subset (default: every component in the ONNX directory)")
+    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (higher: slower build, maybe faster engine)")
+    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file, read if present and written after the build (tensorrt only)")
+    p.add_argument("--refit", action="store_true", help="build refittable engines (weights can be swapped without a rebuild)")
+    p.add_argument("--workspace", type=int, metavar="MB", help="builder workspace limit in MiB (default: TensorRT's, all device memory)")
+    p.add_argument("--no-cache", action="store_true", help="always rebuild, ignoring the engine cache")
+    p.add_argument("--cache-dir", type=Path, help="engine cache folder (default: $SDTRT_CACHE/engines or ~/.cache/sdtrt/engines)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_build)
+
+
+def _run_build(a: argparse.Namespace) -> None:
+    from .engines.build import build_engines
+
+    out = build_engines(a.onnx_dir, a.out, backend=a.backend, batch=a.batch, height=a.height, width=a.width, target=a.target,
+                        opt_level=a.opt_level, timing_cache=a.timing_cache, refit=a.refit, workspace_mb=a.workspace,
+                        components=[c.strip() for c in a.components.split(",")] if a.components else None,
+                        force=a.force, use_cache=not a.no_cache, cache=a.cache_dir, show_progress=not a.no_progress)
+    print(f"wrote engines to {out} (inspect with: sdtrt inspect {out})")
+
+
+def _inspect_parser(sub) -> None:
+    p = _add(sub, "inspect", "show what an ONNX or engine directory holds",
+             """\
+             Print an ONNX directory's components (dtypes, shapes) or an engine directory's manifest:
+             library and version, target GPUs, profiles (min / opt / max), sizes, hashes and build flags.
+             Everything comes from sdtrt.json / engines.json, so it works on machines without a GPU.
+             """,
+             """\
+             sdtrt inspect out/engines
+             sdtrt inspect out/engines --layers
+             sdtrt inspect out/onnx --json
+             """)
+    p.add_argument("dir", type=Path, help="ONNX or engine directory")
+    p.add_argument("--layers", action="store_true", help="layer types per engine (and fused engine layers where a GPU can load them)")
+    p.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
+    p.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(a: argparse.Namespace) -> None:
+    import json
+
+    from .inspect import describe
+    from .runtime.artifacts import open_model_dir
+
+    if a.json:
+        model = open_model_dir(a.dir)
+        print(json.dumps({"sdtrt.json": model.meta, "engines.json": model.manifest}, indent=2))
+    else:
+        print(describe(a.dir, layers=a.layers))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtrt", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sdtrt {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     _make_model_parser(sub)
     _export_parser(sub)
+    _build_parser(sub)
     _generate_parser(sub)
+    _inspect_parser(sub)
     return parser
 
 

@@ -18,7 +18,8 @@ from ..components import COMPONENTS, DEFAULT_COMPONENTS, VAE_FACTOR, sizes_for
 from ..errors import SdtrtError, require
 from ..progress import progress
 from . import graph, validate
-from .source import SourceModel, file_sha256, inspect_source, load_modules, weights_sha256
+from ..hashing import file_sha256
+from .source import SourceModel, inspect_source, load_modules, weights_sha256
 from .wrappers import clip_skip_max, wrap
 
 METADATA = "sdtrt.json"

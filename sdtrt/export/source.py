@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SdtrtError, require
+from ..hashing import file_sha256
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 SUPPORTED_TEXT = "Stable Diffusion 1.x and 2.x (StableDiffusionPipeline / Img2Img / Inpaint folders)"
@@ -122,14 +123,6 @@ def weights_sha256(files: tuple[Path, ...], root: Path) -> str:
     for f in files:
         h.update(str(f.relative_to(root)).encode() + b"\0")
         h.update(file_sha256(f).encode())
-    return h.hexdigest()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
     return h.hexdigest()
 
 

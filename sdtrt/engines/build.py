@@ -1,0 +1,158 @@
+"""`sdtrt build`: an ONNX directory in, an engine directory (engines + engines.json) out."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable
+
+from .. import __version__
+from ..atomic import atomic_dir, check_output_dir
+from ..default_model import cache_dir
+from ..errors import SdtrtError
+from ..hashing import file_sha256
+from ..progress import progress
+from ..runtime.artifacts import ONNX_METADATA, open_model_dir
+from . import manifest as mf
+from .builder import BuildOptions, build_engine
+from .profiles import Ranges, profile
+from .toolkit import load_toolkit, local_gpu_target, resolve_targets
+
+
+def engine_cache_dir(override: Path | None = None) -> Path:
+    return Path(override) if override else cache_dir() / "engines"
+
+
+def build_engines(
+    onnx_dir: Path,
+    out: Path,
+    backend: str = "tensorrt-rtx",
+    batch: str = "1:1:4",
+    height: str | None = None,
+    width: str | None = None,
+    target: str | None = None,
+    opt_level: int = 3,
+    timing_cache: Path | None = None,
+    refit: bool = False,
+    workspace_mb: int | None = None,
+    components: Iterable[str] | None = None,
+    force: bool = False,
+    use_cache: bool = True,
+    cache: Path | None = None,
+    show_progress: bool = True,
+    log=print,
+) -> Path:
+    """Build one engine per component into `out` (all or nothing); returns `out`."""
+    tk = load_toolkit(backend)
+    model = open_model_dir(onnx_dir)
+    if model.kind != "onnx":
+        raise SdtrtError(f"{onnx_dir} is already an engine directory.", "pass the ONNX directory written by `sdtrt export`")
+    available = set(model.meta["components"])
+    names = list(dict.fromkeys(components)) if components else sorted(available, key=["text_encoder", "unet", "vae_decoder", "vae_encoder"].index)
+    missing = [c for c in names if c not in available]
+    if missing:
+        raise SdtrtError(f"{onnx_dir} has no {', '.join(missing)} ONNX.",
+                         f"re-export with --components {','.join(sorted(available | set(missing)))}, or drop {', '.join(missing)} from --components")
+    native = model.meta["default_size"]
+    ranges = Ranges.parse(batch, height or str(native[0]), width or str(native[1]))
+    if not 0 <= opt_level <= 5:
+        raise SdtrtError(f"--opt-level {opt_level} is outside 0-5.", "pass --opt-level 3 (the default) or another value 0-5")
+    if timing_cache is not None and tk.is_rtx:
+        raise SdtrtError("TensorRT-RTX has no timing cache: since RTX 1.2 the API is a no-op, and calling it makes the "
+                         "builder query a GPU, which breaks ahead-of-time builds on machines without one.",
+                         "drop --timing-cache for --backend tensorrt-rtx (its runtime cache, Pipeline.load(..., runtime_cache=PATH), "
+                         "plays that role when engines run)")
+    targets = resolve_targets(tk, target)
+    options = BuildOptions(tuple(targets), opt_level, refit, workspace_mb, True, Path(timing_cache) if timing_cache else None)
+    out = Path(out)
+    check_output_dir(out, force)
+    store = engine_cache_dir(cache)
+    started = time.time()
+    entries: dict[str, dict] = {}
+    with atomic_dir(out, force) as tmp:
+        for name in names:
+            entries[name] = _engine(tk, model, name, ranges, options, tmp, store if use_cache else None, show_progress, log)
+        for part in ("tokenizer", "scheduler"):
+            shutil.copytree(model.root / part, tmp / part)
+        shutil.copy2(model.root / ONNX_METADATA, tmp / ONNX_METADATA)
+        manifest = {
+            "format": mf.FORMAT,
+            "format_version": mf.FORMAT_VERSION,
+            "sdtrt_version": __version__,
+            "backend": {"name": tk.name, "module": tk.module_name, "version": tk.version},
+            "targets": targets,
+            "build_machine_gpu": local_gpu_target(),
+            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(time.time() - started, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "source": {"onnx_dir": str(model.root.absolute()), "weights_sha256": model.meta["source"]["sha256"]},
+            "flags": {"batch": str(ranges.batch), "height": str(ranges.height), "width": str(ranges.width), **options.key_fields(),
+                      "timing_cache": str(options.timing_cache) if options.timing_cache else None},
+            "engines": entries,
+        }
+        (tmp / mf.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: its presence means complete
+    return out
+
+
+def _engine(tk, model, name: str, ranges: Ranges, options: BuildOptions, tmp: Path, store: Path | None, show_progress: bool, log) -> dict:
+    info = model.meta["components"][name]
+    onnx_path = model.root / info["path"]
+    onnx_sha = file_sha256(onnx_path)
+    if onnx_sha != info["sha256"]:
+        raise SdtrtError(f"{onnx_path} changed after export (its sha256 no longer matches sdtrt.json).", "re-export the model with `sdtrt export`")
+    shapes = profile(name, ranges, model.fixed_sizes)
+    key = mf.cache_key(onnx_sha, {k: [list(s) for s in v] for k, v in shapes.items()}, options.key_fields(), tk.module_name, tk.version)
+    target = tmp / f"{name}.engine"
+    cached = _from_cache(store, key, target)
+    if cached is not None:
+        log(f"{name}: engine cache hit ({key[:12]}), not rebuilt")
+        build = cached
+    else:
+        bar = progress(desc=f"build {name}", disable=not show_progress)
+        built = build_engine(tk, onnx_path, shapes, options, bar)
+        bar.close()
+        target.write_bytes(built.data)
+        build = {"build_seconds": round(built.seconds, 2), "layers": built.layers, "cache_hit": False}
+        if built.suppressed_messages:
+            build["no_gpu_messages_suppressed"] = built.suppressed_messages
+        if store is not None:
+            _to_cache(store, key, target, build)
+        log(f"{name}: built in {built.seconds:.1f}s ({sum(built.layers.values())} layers)")
+    dtype = info["dtype"]
+    return {
+        "path": target.name,
+        "dtype": dtype,
+        "sha256": file_sha256(target),
+        "size_bytes": target.stat().st_size,
+        "onnx_sha256": onnx_sha,
+        "cache_key": key,
+        "inputs": {t: {**info["inputs"][t], "min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for t, s in shapes.items()},
+        "outputs": info["outputs"],
+        **build,
+    }
+
+
+def _from_cache(store: Path | None, key: str, target: Path) -> dict | None:
+    if store is None:
+        return None
+    engine, meta = store / f"{key}.engine", store / f"{key}.json"
+    if not (engine.is_file() and meta.is_file()):
+        return None
+    record = json.loads(meta.read_text())
+    if file_sha256(engine) != record.get("sha256"):
+        return None  # a damaged cache entry is rebuilt, never trusted
+    shutil.copy2(engine, target)
+    return {**record["build"], "cache_hit": True}
+
+
+def _to_cache(store: Path, key: str, engine: Path, build: dict) -> None:
+    store.mkdir(parents=True, exist_ok=True)
+    tmp = store / f".{key}.{os.getpid()}.partial"
+    shutil.copy2(engine, tmp)
+    os.replace(tmp, store / f"{key}.engine")
+    (store / f"{key}.json").write_text(json.dumps({"sha256": file_sha256(engine), "build": build}))

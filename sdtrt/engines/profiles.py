@@ -1,0 +1,76 @@
+"""Optimization profiles from the user's ranges.
+
+Users speak in images and pixels: --batch MIN:OPT:MAX images per call, --height/--width in
+pixels (one value = static). Each engine's profile follows from the ONNX contract:
+latents are pixels / 8; the UNet sees B (guidance off) up to 2 x B_max (guidance on: [uncond; cond]);
+the text encoder encodes prompts and negative prompts in one call, so also up to 2 x B_max.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..components import COMPONENTS, VAE_FACTOR
+from ..errors import SdtrtError
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    @classmethod
+    def parse(cls, text: str | int, flag: str, multiple: int = 1) -> "Range":
+        parts = [p.strip() for p in str(text).split(":")]
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise SdtrtError(f"{flag} {text!r} is not MIN:OPT:MAX or a single number.", f"write e.g. {flag} 1:1:4, or {flag} 2 for a static size") from None
+        if len(values) == 1:
+            values *= 3
+        if len(values) != 3:
+            raise SdtrtError(f"{flag} {text!r} has {len(values)} parts.", f"write MIN:OPT:MAX (e.g. {flag} 1:1:4) or one value")
+        lo, opt, hi = values
+        if lo <= 0:
+            raise SdtrtError(f"{flag} {text}: sizes must be positive.", f"e.g. {flag} {max(multiple, 1)}")
+        if not lo <= opt <= hi:
+            raise SdtrtError(f"{flag} {text}: needs MIN <= OPT <= MAX.", f"e.g. {flag} {min(values)}:{sorted(values)[1]}:{max(values)}")
+        bad = [v for v in values if v % multiple]
+        if bad:
+            raise SdtrtError(f"{flag} {text}: {bad[0]} is not a multiple of {multiple}.", f"use {bad[0] // multiple * multiple or multiple} or {(bad[0] // multiple + 1) * multiple}")
+        return cls(lo, opt, hi)
+
+    @property
+    def static(self) -> bool:
+        return self.min == self.max
+
+    def __str__(self) -> str:
+        return str(self.min) if self.static else f"{self.min}:{self.opt}:{self.max}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranges:
+    batch: Range
+    height: Range
+    width: Range
+
+    @classmethod
+    def parse(cls, batch: str, height: str, width: str) -> "Ranges":
+        return cls(Range.parse(batch, "--batch"), Range.parse(height, "--height", VAE_FACTOR), Range.parse(width, "--width", VAE_FACTOR))
+
+
+def _sizes(r: Ranges, which: str, fixed: dict[str, int]) -> dict[str, int]:
+    b, h, w = getattr(r.batch, which), getattr(r.height, which), getattr(r.width, which)
+    b2 = r.batch.min if which == "min" else 2 * b  # guidance off at the low end, on above
+    return {**fixed, "B": b, "B2": b2, "S": 77, "H": h, "W": w, "h": h // VAE_FACTOR, "w": w // VAE_FACTOR}
+
+
+def profile(component: str, ranges: Ranges, fixed: dict[str, int]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """input name -> (min, opt, max) shape for one engine."""
+    spec = COMPONENTS[component]
+    per = {which: _sizes(ranges, which, fixed) for which in ("min", "opt", "max")}
+    if component == "text_encoder":  # prompts and negatives together: B up to 2 B_max
+        for which in ("opt", "max"):
+            per[which]["B"] = 2 * per[which]["B"]
+    return {t.name: tuple(t.shape(per[w]) for w in ("min", "opt", "max")) for t in spec.inputs}

@@ -1,0 +1,36 @@
+"""Refuse a request outside an engine's optimization profile before anything runs, in the user's terms."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ...components import COMPONENTS, VAE_FACTOR
+from ...errors import SdtrtError
+
+# symbol -> (what the user calls it, build flag that widens it, multiplier to the flag's unit)
+_USER_TERMS = {
+    "B": ("batch (prompts plus negative prompts for the text encoder)", "--batch", 1),
+    "B2": ("UNet batch (2 x images with guidance on)", "--batch", 1),
+    "h": ("height", "--height", VAE_FACTOR),
+    "w": ("width", "--width", VAE_FACTOR),
+    "H": ("height", "--height", 1),
+    "W": ("width", "--width", 1),
+}
+
+
+def check_profile(component: str, engine: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], rebuild: str) -> None:
+    """Raise SdtrtError naming the profile's range and the build flag that widens it."""
+    spec = COMPONENTS[component]
+    for t in spec.inputs:
+        if t.name not in shapes:
+            continue
+        info = engine["inputs"][t.name]
+        for axis, (value, lo, hi) in enumerate(zip(shapes[t.name], info["min"], info["max"])):
+            if lo <= value <= hi:
+                continue
+            what, flag, scale = _USER_TERMS.get(t.dims[axis], (f"dimension {axis}", "the build flags", 1))
+            unit = " px" if flag in ("--height", "--width") else ""
+            have = f"{lo * scale}-{hi * scale}{unit}"
+            raise SdtrtError(
+                f"the {component} engine cannot take {t.name} with {what} = {value * scale}{unit}: its profile covers {have}.",
+                f"rebuild with a wider range, e.g. {rebuild} {flag} MIN:OPT:MAX (or request a size inside {have})")

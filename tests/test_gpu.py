@@ -1,0 +1,81 @@
+"""What only a GPU can show. Each test runs where CUDA and the library it needs exist and is
+skipped with the reason elsewhere (CI and development machines here have no GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sdtrt import Pipeline
+from sdtrt.engines.build import build_engines
+from sdtrt.engines.toolkit import RTX_TARGETS, local_gpu_target
+from tests.helpers import psnr
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU (none visible)")
+
+
+def _engine_library() -> str | None:
+    """A library that can build for this GPU: tensorrt, or tensorrt-rtx where it targets the GPU."""
+    if importlib.util.find_spec("tensorrt") is not None:
+        return "tensorrt"
+    if importlib.util.find_spec("tensorrt_rtx") is not None and local_gpu_target() in RTX_TARGETS:
+        return "tensorrt-rtx"
+    return None
+
+
+needs_engines = pytest.mark.skipif(not HAS_CUDA or _engine_library() is None,
+                                   reason="needs a GPU and a TensorRT library that builds for it (tensorrt; or tensorrt-rtx on sm75-sm121 but not sm90)")
+
+PROMPTS = ["a watercolor fox", "a red bicycle"]
+
+
+def _images(pipe, **kw):
+    return pipe(PROMPTS, negative_prompt=["blurry", "ugly"], steps=6, seed=4, scheduler="dpmpp_2m", progress=False, **kw).images
+
+
+@needs_engines
+@pytest.mark.gpu
+@pytest.mark.parametrize("fixture,min_psnr", [("tiny_onnx", 45.0), ("tiny_onnx_fp16", 40.0)])
+def test_engine_pipeline_matches_onnxruntime(fixture, min_psnr, request, tmp_path):
+    onnx_dir = request.getfixturevalue(fixture)
+    engines = build_engines(onnx_dir, tmp_path / "eng", backend=_engine_library(), batch="1:2:2", cache=tmp_path / "c", show_progress=False)
+    ours = _images(Pipeline.load(engines))
+    reference = _images(Pipeline.load(onnx_dir, backend="onnxruntime"))
+    assert all(psnr(a, b) >= min_psnr for a, b in zip(ours, reference))
+
+
+@needs_engines
+@pytest.mark.gpu
+def test_cuda_graphs_give_the_same_images(tiny_onnx_fp16, tmp_path):
+    engines = build_engines(tiny_onnx_fp16, tmp_path / "eng", backend=_engine_library(), batch="1:2:2", cache=tmp_path / "c", show_progress=False)
+    plain = _images(Pipeline.load(engines))
+    graphed = _images(Pipeline.load(engines, cuda_graphs=True))
+    assert all(psnr(a, b) >= 45 for a, b in zip(plain, graphed))
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs the full tensorrt package (not installable from the registries reachable here)")
+def test_timing_cache_is_written_then_reused(tiny_onnx, tmp_path):
+    cache_file = tmp_path / "timing.cache"
+    build_engines(tiny_onnx, tmp_path / "a", backend="tensorrt", components=["unet"], timing_cache=cache_file, use_cache=False, show_progress=False)
+    first = cache_file.read_bytes()
+    assert len(first) > 1000
+    build_engines(tiny_onnx, tmp_path / "b", backend="tensorrt", components=["unet"], timing_cache=cache_file, use_cache=False, show_progress=False)
+    assert json.loads((tmp_path / "b" / "engines.json").read_text())["flags"]["timing_cache"] == str(cache_file)
+    assert len(cache_file.read_bytes()) >= len(first)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in (importlib.util.find_spec("onnxruntime") and __import__("onnxruntime").get_available_providers()),
+                    reason="needs onnxruntime-gpu (the CUDA execution provider)")
+def test_onnxruntime_cuda_provider_matches_cpu(tiny_onnx):
+    cuda = _images(Pipeline.load(tiny_onnx, backend="onnxruntime", device="cuda"))
+    cpu = _images(Pipeline.load(tiny_onnx, backend="onnxruntime"))
+    assert all(psnr(a, b) >= 40 for a, b in zip(cuda, cpu))
