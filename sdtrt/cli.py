@@ -157,7 +157,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="auto: by directory kind")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
-    p.add_argument("--out", type=Path, default=Path("image.png"), help="PNG path, or a directory (ending in /) for several images")
+    p.add_argument("--out", default="image.png", help="PNG path, or a directory (ending in /) for several images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_generate)
 
@@ -200,7 +200,7 @@ def _run_generate(a: argparse.Namespace) -> None:
                   guidance_scale=a.guidance_scale, guidance_rescale=a.guidance_rescale, scheduler=a.scheduler,
                   scheduler_options=_parse_options(a.scheduler_option), seed=a.seed, height=a.height, width=a.width,
                   clip_skip=a.clip_skip, progress=not a.no_progress)
-    paths = _output_paths(a.out, len(result.images), str(a.out).endswith(os.sep))
+    paths = _output_paths(Path(a.out), len(result.images), a.out.endswith(("/", os.sep)))
     for image, params, path in zip(result.images, result.parameters, paths):
         save_png(image, path, a1111_parameters(params))
         print(f"wrote {path}")
