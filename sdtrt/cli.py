@@ -289,6 +289,36 @@ def _run_inspect(a: argparse.Namespace) -> None:
         print(describe(a.dir, layers=a.layers))
 
 
+def _bench_parser(sub) -> None:
+    p = _add(sub, "bench", "time sdtrt against eager diffusers and Optimum, side by side",
+             """\
+             Run the same request through eager diffusers (the reference), Optimum's ONNX Runtime pipeline
+             and sdtrt (every backend available here) in one process: warm-up, then interleaved rounds
+             (A B C A B C ...). Reports per stage (text encoder, UNet per call, VAE decode) and end to end:
+             median, min, max; speed-up over diffusers; peak RSS (and GPU memory); runtime overhead per
+             step (loop time with the UNet replaced by a no-op); and checks every system made the same
+             image (PSNR vs diffusers). Writes JSON and a PNG chart. --compare gates regressions.
+             Exit codes: 3 images differ, 4 a stage regressed.
+             """,
+             """\
+             sdtrt bench --preset sd15 --height 256 --width 256 --steps 4 --repeats 5
+             sdtrt bench --preset tiny --repeats 2 --out out/tiny-bench.json
+             sdtrt bench --preset sd15 --compare benchmarks/baseline.json --max-regression 5%
+             """)
+    from benchmarks.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(a: argparse.Namespace) -> None:
+    from benchmarks.bench import run
+
+    status = run(a)
+    if status:
+        raise SystemExit(status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdtrt", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sdtrt {__version__}")
@@ -298,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     _build_parser(sub)
     _generate_parser(sub)
     _inspect_parser(sub)
+    _bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,255 @@
+"""The systems a benchmark compares. Each loads once, then runs the same request, reporting
+per-stage seconds (text encoder, UNet per call, VAE decode), end-to-end seconds and the image.
+
+Stage times for diffusers and Optimum come from wrapping their components' forward methods with
+timers (synchronizing CUDA first on a GPU), so every system is timed at the same boundaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+@dataclasses.dataclass
+class Request:
+    prompts: list[str]
+    negative_prompts: list[str]
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    scheduler: str
+    seed: int
+
+
+@dataclasses.dataclass
+class Sample:
+    end_to_end: float
+    text_encoder: float
+    unet_per_call: float
+    unet_calls: int
+    vae_decoder: float
+    image: np.ndarray  # uint8 [H,W,3] of the first image
+
+
+class _Timers:
+    """Accumulates seconds per stage across wrapped calls."""
+
+    def __init__(self, sync: Callable[[], None]):
+        self.sync = sync
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def wrap(self, stage: str, fn):
+        def timed(*args, **kwargs):
+            self.sync()
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.sync()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
+            self.calls[stage] = self.calls.get(stage, 0) + 1
+            return out
+
+        return timed
+
+
+def _sync_for(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def _uint8(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.uint8)
+
+
+class System:
+    name: str
+    device: torch.device
+
+    def run(self, r: Request) -> Sample:
+        raise NotImplementedError
+
+    def step_overhead(self, r: Request) -> float | None:
+        """Seconds per denoising step spent outside the UNet itself (UNet replaced by a no-op)."""
+        return None
+
+
+class DiffusersSystem(System):
+    """Eager diffusers: fp32 on CPU; fp16 with SDPA on CUDA (optionally torch.compile'd UNet)."""
+
+    def __init__(self, model_dir: Path, device: torch.device, compile_unet: bool = False):
+        from diffusers import StableDiffusionPipeline
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.name = "diffusers" + ("+compile" if compile_unet else "")
+        self.device = device
+        self.pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype).to(device)
+        self.pipe.unet.set_attn_processor(AttnProcessor2_0())  # SDPA
+        self.pipe.set_progress_bar_config(disable=True)
+        if compile_unet:
+            self.pipe.unet = torch.compile(self.pipe.unet)
+        self.timers = _Timers(_sync_for(device))
+        self._forward = self.pipe.unet.forward
+        p = self.pipe
+        p.text_encoder.forward = self.timers.wrap("text_encoder", p.text_encoder.forward)
+        p.unet.forward = self.timers.wrap("unet", self._forward)
+        p.vae.decode = self.timers.wrap("vae_decoder", p.vae.decode)
+        self._scheduler_config = dict(p.scheduler.config)
+
+    def _set_scheduler(self, name: str) -> None:
+        import diffusers
+
+        from sdtrt.runtime import schedulers as S
+
+        cls = getattr(diffusers, S.diffusers_class_name(name))
+        self.pipe.scheduler = cls.from_config(self._scheduler_config, **S.implied_overrides(name))
+
+    def _call(self, r: Request, **extra):
+        self._set_scheduler(r.scheduler)
+        gen = torch.Generator("cpu").manual_seed(r.seed)
+        with torch.inference_mode():
+            return self.pipe(r.prompts, negative_prompt=r.negative_prompts, num_inference_steps=r.steps, guidance_scale=r.guidance_scale,
+                             height=r.height, width=r.width, generator=gen, **extra)
+
+    def run(self, r: Request) -> Sample:
+        self.timers.reset()
+        sync = _sync_for(self.device)
+        sync()
+        t = time.perf_counter()
+        out = self._call(r)
+        sync()
+        total = time.perf_counter() - t
+        s, c = self.timers.seconds, self.timers.calls
+        return Sample(total, s.get("text_encoder", 0.0), s["unet"] / c["unet"], c["unet"], s["vae_decoder"], _uint8(out.images[0]))
+
+    def step_overhead(self, r: Request) -> float:
+        cached = {}
+
+        def noop(sample, *a, **k):
+            out = cached.setdefault(tuple(sample.shape), torch.zeros_like(sample))
+            return (out,) if not k.get("return_dict", True) else type("O", (), {"sample": out})()
+
+        stamps: list[float] = []
+
+        def on_step_end(pipe, i, t, kwargs):
+            stamps.append(time.perf_counter())
+            return kwargs
+
+        self.pipe.unet.forward = noop
+        try:
+            self._call(r, callback_on_step_end=on_step_end)
+        finally:
+            self.pipe.unet.forward = self.timers.wrap("unet", self._forward)
+        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+
+
+class OptimumSystem(System):
+    """Optimum's ONNX Runtime Stable Diffusion pipeline, exporting its own ONNX from the same folder."""
+
+    def __init__(self, model_dir: Path, device: torch.device, cache: Path, threads: int = 0):
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+        self.name = "optimum-ort"
+        self.device = device
+        provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        if not (cache / "model_index.json").exists():
+            ORTStableDiffusionPipeline.from_pretrained(str(model_dir), export=True).save_pretrained(str(cache))
+        self.pipe = ORTStableDiffusionPipeline.from_pretrained(str(cache), provider=provider, session_options=options)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.timers = _Timers(_sync_for(device))
+        p = self.pipe
+        p.text_encoder.forward = self.timers.wrap("text_encoder", p.text_encoder.forward)
+        p.unet.forward = self.timers.wrap("unet", p.unet.forward)
+        p.vae_decoder.forward = self.timers.wrap("vae_decoder", p.vae_decoder.forward)
+        self._scheduler_config = dict(p.scheduler.config)
+
+    def _call(self, r: Request, **extra):
+        import diffusers
+
+        from sdtrt.runtime import schedulers as S
+
+        cls = getattr(diffusers, S.diffusers_class_name(r.scheduler))
+        self.pipe.scheduler = cls.from_config(self._scheduler_config, **S.implied_overrides(r.scheduler))
+        gen = torch.Generator("cpu").manual_seed(r.seed)
+        return self.pipe(r.prompts, negative_prompt=r.negative_prompts, num_inference_steps=r.steps, guidance_scale=r.guidance_scale,
+                         height=r.height, width=r.width, generator=gen, **extra)
+
+    def run(self, r: Request) -> Sample:
+        self.timers.reset()
+        t = time.perf_counter()
+        out = self._call(r)
+        total = time.perf_counter() - t
+        s, c = self.timers.seconds, self.timers.calls
+        return Sample(total, s.get("text_encoder", 0.0), s["unet"] / c["unet"], c["unet"], s["vae_decoder"], _uint8(out.images[0]))
+
+    def step_overhead(self, r: Request) -> float:
+        session = self.pipe.unet.session
+        real_run = session.run
+        cached: dict = {}
+
+        def noop_run(output_names, feeds, *a, **k):  # the engine call itself becomes free
+            sample = feeds["sample"]
+            return [cached.setdefault(sample.shape, np.zeros_like(sample))]
+
+        stamps: list[float] = []
+
+        def on_step_end(pipe, i, t, kwargs):
+            stamps.append(time.perf_counter())
+            return kwargs
+
+        session.run = noop_run
+        try:
+            self._call(r, callback_on_step_end=on_step_end)
+        finally:
+            session.run = real_run
+        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+
+
+class SdtrtSystem(System):
+    """sdtrt's runtime on one backend (ONNX Runtime on an ONNX dir, TensorRT on an engine dir)."""
+
+    def __init__(self, path: Path, backend: str, device: torch.device, name: str | None = None, **options: Any):
+        from sdtrt import Pipeline
+
+        self.name = name or f"sdtrt-{backend}"
+        self.device = device
+        self.pipe = Pipeline.load(path, backend=backend, **options)
+
+    def _call(self, r: Request):
+        return self.pipe(r.prompts, negative_prompt=r.negative_prompts, steps=r.steps, guidance_scale=r.guidance_scale,
+                         height=r.height, width=r.width, scheduler=r.scheduler, seed=r.seed, progress=False)
+
+    def run(self, r: Request) -> Sample:
+        res = self._call(r)
+        t = res.timings
+        return Sample(t["total"], t["text_encoder"], t["unet"] / t["unet_calls"], int(t["unet_calls"]), t["vae_decoder"], _uint8(res.images[0]))
+
+    def step_overhead(self, r: Request) -> float:
+        backend = self.pipe.backend
+        real_run = backend.run
+        cached: dict = {}
+
+        def run(component, feeds):
+            if component != "unet":
+                return real_run(component, feeds)
+            sample = feeds["sample"]
+            return {"latent": cached.setdefault(tuple(sample.shape), torch.zeros_like(sample))}
+
+        backend.run = run
+        try:
+            res = self._call(r)
+        finally:
+            del backend.run
+        return res.timings["denoise"] / res.timings["unet_calls"]
