@@ -237,19 +237,13 @@ class SdtrtSystem(System):
         return Sample(t["total"], t["text_encoder"], t["unet"] / t["unet_calls"], int(t["unet_calls"]), t["vae_decoder"], _uint8(res.images[0]))
 
     def step_overhead(self, r: Request) -> float:
+        """The engine call becomes a no-op; everything sdtrt does around it (binding, outputs) still runs."""
         backend = self.pipe.backend
-        real_run = backend.run
-        cached: dict = {}
-
-        def run(component, feeds):
-            if component != "unet":
-                return real_run(component, feeds)
-            sample = feeds["sample"]
-            return {"latent": cached.setdefault(tuple(sample.shape), torch.zeros_like(sample))}
-
-        backend.run = run
+        if not hasattr(backend, "_execute"):
+            return None
+        backend._execute = lambda *a, **k: None
         try:
             res = self._call(r)
         finally:
-            del backend.run
+            del backend._execute
         return res.timings["denoise"] / res.timings["unet_calls"]

@@ -19,10 +19,13 @@ from .base import TORCH_DTYPES
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
-def _np_dtype(dtype: torch.dtype):
+def _numpy_types() -> dict[torch.dtype, Any]:
     import numpy as np
 
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32, torch.int64: np.int64}[dtype]
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32, torch.int64: np.int64}
+
+
+_NP = _numpy_types()
 
 
 class OnnxRuntimeBackend:
@@ -40,6 +43,8 @@ class OnnxRuntimeBackend:
         if graph_optimization_level not in OPT_LEVELS:
             raise SdtrtError(f"unknown graph_optimization_level {graph_optimization_level!r}.", f"use one of {', '.join(OPT_LEVELS)}")
         self._fixed = model.fixed_sizes
+        self._ort_device = (self.device.type, self.device.index or 0)
+        self._shape_cache: dict[tuple, dict[str, tuple[int, ...]]] = {}
         self._sessions: dict[str, Any] = {}
         self._dtypes: dict[str, dict[str, torch.dtype]] = {}
         wanted = components or set(model.components)
@@ -73,19 +78,78 @@ class OnnxRuntimeBackend:
 
     def run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         session = self._sessions[component]
-        spec = COMPONENTS[component]
-        binding = session.io_binding()
-        dev_type, dev_id = self.device.type, self.device.index or 0
-        keep = []
-        for name, x in feeds.items():
-            x = x.contiguous()
-            keep.append(x)
-            binding.bind_input(name, dev_type, dev_id, _np_dtype(x.dtype), tuple(x.shape), x.data_ptr())
-        shapes = output_shapes(spec, {k: tuple(v.shape) for k, v in feeds.items()}, self._fixed)
+        key = (component, *(tuple(v.shape) for v in feeds.values()))
+        shapes = self._shape_cache.get(key)
+        if shapes is None:  # derived once per distinct input shapes, not per denoising step
+            shapes = output_shapes(COMPONENTS[component], {k: tuple(v.shape) for k, v in feeds.items()}, self._fixed)
+            self._shape_cache[key] = shapes
+        binding = _Binding(session, self._ort_device)  # one per call: concurrent calls never share bindings
+        inputs = [x.contiguous() for x in feeds.values()]  # kept referenced until the run returns
+        for name, x in zip(feeds, inputs):
+            binding.bind_input(name, _NP[x.dtype], tuple(x.shape), x.data_ptr())
+        dtypes = self._dtypes[component]
         outputs = {}
         for name, shape in shapes.items():
-            out = torch.empty(shape, dtype=self._dtypes[component][name], device=self.device)
-            binding.bind_output(name, dev_type, dev_id, _np_dtype(out.dtype), shape, out.data_ptr())
+            out = torch.empty(shape, dtype=dtypes[name], device=self.device)
+            binding.bind_output(name, _NP[out.dtype], shape, out.data_ptr())
             outputs[name] = out
-        session.run_with_iobinding(binding)
+        self._execute(binding)
         return outputs
+
+    def _execute(self, binding: "_Binding") -> None:
+        """The engine call itself (benchmarks replace it with a no-op to measure runtime overhead)."""
+        binding.run()
+
+
+class _Binding:
+    """IO binding on raw pointers. ONNX Runtime's public IOBinding wrapper re-creates its device
+    descriptor and bookkeeping on every bind, which doubles the per-step cost for small latents;
+    the binding object underneath takes the same arguments directly. Falls back to the public
+    wrapper if a future onnxruntime moves that object."""
+
+    def __init__(self, session, device: tuple[str, int]):
+        self._session = session
+        fast = _fast_device(device)
+        if fast is not None:
+            from onnxruntime.capi import _pybind_state as C
+
+            self._binding = C.SessionIOBinding(session._sess)
+            self._device = fast
+            self._public = None
+        else:
+            self._public = session.io_binding()
+            self._device_type, self._device_id = device
+
+    def bind_input(self, name, np_type, shape, ptr) -> None:
+        if self._public is None:
+            self._binding.bind_input(name, self._device, np_type, shape, ptr)
+        else:
+            self._public.bind_input(name, self._device_type, self._device_id, np_type, shape, ptr)
+
+    def bind_output(self, name, np_type, shape, ptr) -> None:
+        if self._public is None:
+            self._binding.bind_output(name, self._device, np_type, shape, ptr)
+        else:
+            self._public.bind_output(name, self._device_type, self._device_id, np_type, shape, ptr)
+
+    def run(self) -> None:
+        if self._public is None:
+            self._session._sess.run_with_iobinding(self._binding, None)
+        else:
+            self._session.run_with_iobinding(self._public)
+
+
+_DEVICES: dict[tuple[str, int], Any] = {}
+
+
+def _fast_device(device: tuple[str, int]):
+    """ONNX Runtime's C-level device descriptor, cached; None if this onnxruntime lacks the internals."""
+    if device not in _DEVICES:
+        try:
+            from onnxruntime.capi import _pybind_state as C  # noqa: F401
+            from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
+
+            _DEVICES[device] = OrtDevice.make(*device)._get_c_device()
+        except (ImportError, AttributeError):
+            _DEVICES[device] = None
+    return _DEVICES[device]

@@ -161,15 +161,21 @@ def sigma_to_t(sigmas: torch.Tensor, log_train_sigmas: torch.Tensor) -> torch.Te
     return (1 - w) * low.to(F64) + w * high.to(F64)
 
 
+def x0_and_eps(prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor,
+               sqrt_a: torch.Tensor, sqrt_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, epsilon) from a model output, with sqrt_a = sqrt(alpha_bar_t), sqrt_b = sqrt(1 - alpha_bar_t)
+    (DDPM eq. 15; Salimans & Ho 2022 for v-prediction)."""
+    if prediction_type == "epsilon":
+        return (sample - sqrt_b * model_output) / sqrt_a, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - sqrt_a * model_output) / sqrt_b
+    return sqrt_a * sample - sqrt_b * model_output, sqrt_a * model_output + sqrt_b * sample
+
+
 def prediction_to_x0_eps(prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor,
                          alpha_prod_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, epsilon) from a model output in alpha_bar parametrisation (DDPM, eq. 15; Salimans & Ho 2022 for v)."""
-    beta_prod_t = 1 - alpha_prod_t
-    if prediction_type == "epsilon":
-        return (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5, model_output
-    if prediction_type == "sample":
-        return model_output, (sample - alpha_prod_t**0.5 * model_output) / beta_prod_t**0.5
-    return alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output, alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+    """x0_and_eps for an alpha_bar_t given directly."""
+    return x0_and_eps(prediction_type, model_output, sample, alpha_prod_t**0.5, (1 - alpha_prod_t) ** 0.5)
 
 
 def refuse(name: str, what: str, fix: str) -> SdtrtError:
@@ -189,9 +195,10 @@ def float_timesteps(cfg: BaseConfig, n: int) -> torch.Tensor:
     return arange_down(T, T / n).round().to(F32) - 1
 
 
-def scaled_by_sigma(sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Model input at noise level sigma: x / sqrt(sigma^2 + 1) (Karras et al. 2022, c_in)."""
-    return sample / (sigma**2 + 1) ** 0.5
+def input_divisors(sigmas: torch.Tensor) -> list[torch.Tensor]:
+    """sqrt(sigma^2 + 1) per step: the model input is x / that (Karras et al. 2022, c_in = 1/sqrt(sigma^2+1)).
+    Precomputed as the same float32 scalars diffusers computes each step, so results are bit-identical."""
+    return [(s**2 + 1) ** 0.5 for s in sigmas.unbind()]
 
 
 def sigma_x0(prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

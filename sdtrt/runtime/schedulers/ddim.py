@@ -2,17 +2,21 @@
 
 x_{t-1} = sqrt(a_{t-1}) x0 + sqrt(1 - a_{t-1} - s_t^2) eps + s_t z          (eq. 12)
 s_t     = eta sqrt((1 - a_{t-1}) / (1 - a_t)) sqrt(1 - a_t / a_{t-1})        (eq. 16)
+
+The scalar coefficients of every step are computed once in set_timesteps (same float32 operations
+diffusers performs per step, so results are identical), leaving only tensor work in step().
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
 from ..noise import randn
 from .base import Scheduler
-from .common import BaseConfig, F64, alphas_cumprod, arange_down, linspace, prediction_to_x0_eps, refuse
+from .common import F64, BaseConfig, alphas_cumprod, arange_down, linspace, refuse, x0_and_eps
 
 
 @dataclasses.dataclass
@@ -24,6 +28,14 @@ class Config(BaseConfig):
     rescale_betas_zero_snr: bool = False
     thresholding: bool = False
     eta: float = 0.0  # 0: deterministic DDIM; 1: DDPM-like. diffusers passes it to step(); here it is config.
+
+
+class Coefficients(NamedTuple):
+    sqrt_a: torch.Tensor  # sqrt(a_t)
+    sqrt_b: torch.Tensor  # sqrt(1 - a_t)
+    x0: torch.Tensor  # sqrt(a_{t-1})
+    eps: torch.Tensor  # sqrt(1 - a_{t-1} - s_t^2)
+    std: torch.Tensor  # s_t
 
 
 def discrete_timesteps(cfg: BaseConfig, n: int) -> torch.Tensor:
@@ -53,21 +65,25 @@ class DDIM(Scheduler):
         self.num_inference_steps = num_inference_steps
         self.timesteps = discrete_timesteps(self.config, num_inference_steps).long()
         self.step_index = 0
+        self.plan = [self._coefficients(int(t)) for t in self.timesteps]
 
-    def step(self, model_output, timestep, sample, generator=None):
+    def _coefficients(self, t: int) -> Coefficients:
         cfg = self.config
-        t = int(self.timesteps[self.step_index])
         # diffusers steps back by T // n whatever the spacing; kept for parity
         prev_t = t - cfg.num_train_timesteps // self.num_inference_steps
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-        x0, eps = prediction_to_x0_eps(cfg.prediction_type, model_output, sample, a_t)
-        if cfg.clip_sample:
-            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
         std = cfg.eta * variance**0.5
-        prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+        return Coefficients(a_t**0.5, (1 - a_t) ** 0.5, a_prev**0.5, (1 - a_prev - std**2) ** 0.5, std)
+
+    def step(self, model_output, timestep, sample, generator=None):
+        cfg, c = self.config, self.plan[self.step_index]
+        x0, eps = x0_and_eps(cfg.prediction_type, model_output, sample, c.sqrt_a, c.sqrt_b)
+        if cfg.clip_sample:
+            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        prev = c.x0 * x0 + c.eps * eps
         if cfg.eta > 0:
-            prev = prev + std * randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            prev = prev + c.std * randn(model_output.shape, generator, model_output.device, model_output.dtype)
         self.step_index += 1
         return prev

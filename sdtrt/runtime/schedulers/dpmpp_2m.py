@@ -10,6 +10,7 @@ The first step (no history) and, by default, the last step are first order.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -54,6 +55,26 @@ def log_snr(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return alpha, s, torch.log(alpha) - torch.log(s)
 
 
+class Coefficients(NamedTuple):
+    """The scalars of one step (computed once per schedule; step() only does tensor work).
+
+    x0 = (x - s_vp * eps) / alpha                               (epsilon prediction)
+    first order:  x' = c_x x - c_d0 D0 (+ c_z z for the SDE)
+    second order: x' = c_x x - c_d0 D0 - c_d1 D1 (signs as in the paper), D1 = r_inv (D0 - D_prev)
+    """
+
+    alpha: torch.Tensor
+    s_vp: torch.Tensor
+    c_x: torch.Tensor
+    c_d0: torch.Tensor
+    c_z: torch.Tensor | None
+    c_x2: torch.Tensor | None  # second order (None at step 0)
+    c_d0_2: torch.Tensor | None
+    c_d1: torch.Tensor | None
+    r_inv: torch.Tensor | None
+    c_z2: torch.Tensor | None
+
+
 class DPMSolverPP(Scheduler):
     name = "dpmpp_2m"
     Config = Config
@@ -91,61 +112,57 @@ class DPMSolverPP(Scheduler):
         last = ((1 - ac[0]) / ac[0]) ** 0.5 if cfg.final_sigmas_type == "sigma_min" else torch.tensor(0.0)
         self.sigmas = torch.cat([sigmas, last.reshape(1).double()]).to(F32)
         self.timesteps = timesteps.long()
+        self.plan = [self._coefficients(i) for i in range(len(self.timesteps))]
         self.step_index = 0
         self.x0_history: list[torch.Tensor] = []  # newest last
-        self.lower_order_nums = 0
 
-    def _x0(self, model_output, sample):
-        sigma = self.sigmas[self.step_index]
-        alpha, s = alpha_sigma(sigma)
+    def _coefficients(self, i: int) -> Coefficients:
+        sde = self.stochastic
+        alpha_s0, sigma_s0, lambda_s0 = log_snr(self.sigmas[i])
+        alpha_t, sigma_t, lambda_t = log_snr(self.sigmas[i + 1])
+        h = lambda_t - lambda_s0
+        if sde:
+            c_x = sigma_t / sigma_s0 * torch.exp(-h)
+            c_d0 = -(alpha_t * (1 - torch.exp(-2.0 * h)))  # sign folded: x' = c_x x - c_d0 D0
+            c_z = sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h))
+        else:
+            c_x, c_d0, c_z = sigma_t / sigma_s0, alpha_t * (torch.exp(-h) - 1.0), None
+        second = [None] * 5
+        if i > 0:
+            _, _, lambda_s1 = log_snr(self.sigmas[i - 1])
+            r_inv = 1.0 / ((lambda_s0 - lambda_s1) / h)
+            midpoint = self.config.solver_type == "midpoint"
+            if not sde:
+                c_d1 = 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) if midpoint else -(alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0))
+            else:
+                c_d1 = -(0.5 * (alpha_t * (1 - torch.exp(-2.0 * h)))) if midpoint else -(alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0))
+            second = [c_x, c_d0, c_d1, r_inv, c_z]
+        return Coefficients(alpha_s0, sigma_s0, c_x, c_d0, c_z, *second)
+
+    def _x0(self, model_output, sample, c: Coefficients):
         p = self.config.prediction_type
         if p == "epsilon":
-            return (sample - s * model_output) / alpha
+            return (sample - c.s_vp * model_output) / c.alpha
         if p == "v_prediction":
-            return alpha * sample - s * model_output
+            return c.alpha * sample - c.s_vp * model_output
         return model_output
-
-    def _first_order(self, d0, sample, noise):
-        i = self.step_index
-        alpha_t, sigma_t, lambda_t = log_snr(self.sigmas[i + 1])
-        _, sigma_s, lambda_s = log_snr(self.sigmas[i])
-        h = lambda_t - lambda_s
-        if noise is None:
-            return sigma_t / sigma_s * sample - alpha_t * (torch.exp(-h) - 1.0) * d0
-        return (sigma_t / sigma_s * torch.exp(-h) * sample + alpha_t * (1 - torch.exp(-2.0 * h)) * d0
-                + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)
-
-    def _second_order(self, sample, noise):
-        i = self.step_index
-        alpha_t, sigma_t, lambda_t = log_snr(self.sigmas[i + 1])
-        _, sigma_s0, lambda_s0 = log_snr(self.sigmas[i])
-        _, _, lambda_s1 = log_snr(self.sigmas[i - 1])
-        m0, m1 = self.x0_history[-1], self.x0_history[-2]
-        h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
-        r0 = h_0 / h
-        d0, d1 = m0, 1.0 / r0 * (m0 - m1)
-        midpoint = self.config.solver_type == "midpoint"
-        if noise is None:
-            if midpoint:
-                return sigma_t / sigma_s0 * sample - alpha_t * (torch.exp(-h) - 1.0) * d0 - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
-            return sigma_t / sigma_s0 * sample - alpha_t * (torch.exp(-h) - 1.0) * d0 + alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0) * d1
-        decay = sigma_t / sigma_s0 * torch.exp(-h) * sample + alpha_t * (1 - torch.exp(-2.0 * h)) * d0
-        if midpoint:
-            x = decay + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * d1
-        else:
-            x = decay + alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0) * d1
-        return x + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
 
     def step(self, model_output, timestep, sample, generator=None):
         cfg, i, n = self.config, self.step_index, len(self.timesteps)
+        c = self.plan[i]
         final_first_order = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero")
-        self.x0_history = (self.x0_history + [self._x0(model_output, sample)])[-cfg.solver_order:]
+        self.x0_history = (self.x0_history + [self._x0(model_output, sample, c)])[-cfg.solver_order:]
         sample = sample.to(F32)
         noise = randn(model_output.shape, generator, model_output.device, F32) if self.stochastic else None
-        if cfg.solver_order == 1 or self.lower_order_nums < 1 or final_first_order:
-            prev = self._first_order(self.x0_history[-1], sample, noise)
+        d0 = self.x0_history[-1]
+        if cfg.solver_order == 1 or len(self.x0_history) < 2 or final_first_order:  # no history yet: first order
+            prev = c.c_x * sample - c.c_d0 * d0
+            z_coeff = c.c_z
         else:
-            prev = self._second_order(sample, noise)
-        self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
+            d1 = c.r_inv * (d0 - self.x0_history[-2])
+            prev = c.c_x2 * sample - c.c_d0_2 * d0 - c.c_d1 * d1
+            z_coeff = c.c_z2
+        if noise is not None:
+            prev = prev + z_coeff * noise
         self.step_index += 1
         return prev.to(model_output.dtype)

@@ -12,8 +12,8 @@ import torch
 
 from ..noise import randn
 from .base import Scheduler
-from .common import (F32, BaseConfig, alphas_cumprod, float_timesteps, interp, karras_sigmas, refuse,
-                     scaled_by_sigma, sigma_to_t, sigma_x0, train_sigmas)
+from .common import (F32, BaseConfig, alphas_cumprod, float_timesteps, input_divisors, interp, karras_sigmas, refuse,
+                     sigma_to_t, sigma_x0, train_sigmas)
 
 
 @dataclasses.dataclass
@@ -74,6 +74,8 @@ class Euler(Scheduler):
         ac0 = self.alphas_cumprod[0]
         last = ((1 - ac0) / ac0) ** 0.5 if cfg.final_sigmas_type == "sigma_min" else torch.tensor(0.0)
         self.sigmas = torch.cat([sigmas, last.reshape(1).double()]).to(F32)
+        self.divisors = input_divisors(self.sigmas[:-1])
+        self.dts = [nxt - cur for cur, nxt in zip(self.sigmas[:-1].unbind(), self.sigmas[1:].unbind())]
         self.step_index = 0
 
     @property
@@ -81,23 +83,27 @@ class Euler(Scheduler):
         return init_noise_sigma(self.sigmas, self.config.timestep_spacing)
 
     def scale_model_input(self, sample, timestep=None):
-        return scaled_by_sigma(sample, self.sigmas[self.step_index])
+        return sample / self.divisors[self.step_index]
 
     def step(self, model_output, timestep, sample, generator=None):
         cfg = self.config
         i = self.step_index
         sample = sample.to(F32)
         sigma = self.sigmas[i]
-        gamma = min(cfg.s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if cfg.s_tmin <= sigma <= cfg.s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            eps = randn(model_output.shape, generator, model_output.device, model_output.dtype) * cfg.s_noise
-            sample = sample + eps * (sigma_hat**2 - sigma**2) ** 0.5
+        dt = self.dts[i]
+        sigma_hat = sigma
+        if cfg.s_churn > 0:  # "churn": raise the noise level to sigma_hat with fresh noise first
+            gamma = min(cfg.s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if cfg.s_tmin <= sigma <= cfg.s_tmax else 0.0
+            sigma_hat = sigma * (gamma + 1)
+            if gamma > 0:
+                eps = randn(model_output.shape, generator, model_output.device, model_output.dtype) * cfg.s_noise
+                sample = sample + eps * (sigma_hat**2 - sigma**2) ** 0.5
+            dt = self.sigmas[i + 1] - sigma_hat
         if cfg.prediction_type == "epsilon":
             x0 = sample - sigma_hat * model_output
         else:
             x0 = sigma_x0(cfg.prediction_type, model_output, sample, sigma)
         derivative = (sample - x0) / sigma_hat
-        prev = sample + derivative * (self.sigmas[i + 1] - sigma_hat)
+        prev = sample + derivative * dt
         self.step_index += 1
         return prev.to(model_output.dtype)

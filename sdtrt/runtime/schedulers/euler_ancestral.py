@@ -12,7 +12,7 @@ import torch
 
 from ..noise import randn
 from .base import Scheduler
-from .common import F32, BaseConfig, alphas_cumprod, refuse, scaled_by_sigma, sigma_x0
+from .common import F32, BaseConfig, alphas_cumprod, input_divisors, refuse, sigma_x0
 from .euler import init_noise_sigma, sigma_schedule
 
 
@@ -39,24 +39,32 @@ class EulerAncestral(Scheduler):
         self._check_steps(num_inference_steps)
         self.timesteps, sigmas = sigma_schedule(self.config, num_inference_steps, self.alphas_cumprod, karras=False)
         self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(F32)
+        self.divisors = input_divisors(self.sigmas[:-1])
+        self.plan = [self._up_down(s, s_next) for s, s_next in zip(self.sigmas[:-1].unbind(), self.sigmas[1:].unbind())]
         self.step_index = 0
+
+    @staticmethod
+    def _up_down(sigma: torch.Tensor, sigma_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma_up, sigma_down - sigma): the noise to add, and the Euler step to take first."""
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        return sigma_up, sigma_down - sigma
 
     @property
     def init_noise_sigma(self):
         return init_noise_sigma(self.sigmas, self.config.timestep_spacing)
 
     def scale_model_input(self, sample, timestep=None):
-        return scaled_by_sigma(sample, self.sigmas[self.step_index])
+        return sample / self.divisors[self.step_index]
 
     def step(self, model_output, timestep, sample, generator=None):
         i = self.step_index
-        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        sigma = self.sigmas[i]
+        sigma_up, dt = self.plan[i]
         sample = sample.to(F32)
         x0 = sigma_x0(self.config.prediction_type, model_output, sample, sigma)
-        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         derivative = (sample - x0) / sigma
-        prev = sample + derivative * (sigma_down - sigma)
+        prev = sample + derivative * dt
         # noise is drawn on every step, the last included (sigma_up = 0 there), as diffusers does
         prev = prev + randn(model_output.shape, generator, model_output.device, model_output.dtype) * sigma_up
         self.step_index += 1

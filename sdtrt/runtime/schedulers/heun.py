@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from .base import Scheduler
-from .common import F32, BaseConfig, alphas_cumprod, scaled_by_sigma, sigma_x0
+from .common import F32, BaseConfig, alphas_cumprod, input_divisors, sigma_x0
 from .euler import init_noise_sigma, sigma_schedule
 
 
@@ -40,6 +40,7 @@ class Heun(Scheduler):
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(F32)
         self.sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
         self.timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
+        self.divisors = input_divisors(self.sigmas[:-1])
         self.step_index = 0
         self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (d, dt, x) after a predictor step
 
@@ -48,7 +49,7 @@ class Heun(Scheduler):
         return init_noise_sigma(self.sigmas, self.config.timestep_spacing)
 
     def scale_model_input(self, sample, timestep=None):
-        return scaled_by_sigma(sample, self.sigmas[self.step_index])
+        return sample / self.divisors[self.step_index]
 
     def step(self, model_output, timestep, sample, generator=None):
         cfg, i = self.config, self.step_index

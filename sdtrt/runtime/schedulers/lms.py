@@ -13,7 +13,7 @@ import math
 import torch
 
 from .base import Scheduler
-from .common import F32, BaseConfig, alphas_cumprod, scaled_by_sigma, sigma_x0
+from .common import F32, BaseConfig, alphas_cumprod, input_divisors, sigma_x0
 from .euler import init_noise_sigma, sigma_schedule
 
 # 4-point Gauss-Legendre nodes and weights on [-1, 1]
@@ -54,6 +54,7 @@ class LMS(Scheduler):
         self._check_steps(num_inference_steps)
         self.timesteps, sigmas = sigma_schedule(self.config, num_inference_steps, self.alphas_cumprod, self.config.use_karras_sigmas)
         self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(F32)
+        self.divisors = input_divisors(self.sigmas[:-1])
         self._sigma_list = self.sigmas.double().tolist()
         self.step_index = 0
         self.derivatives: list[torch.Tensor] = []  # newest last, at most `order`
@@ -63,7 +64,7 @@ class LMS(Scheduler):
         return init_noise_sigma(self.sigmas, self.config.timestep_spacing)
 
     def scale_model_input(self, sample, timestep=None):
-        return scaled_by_sigma(sample, self.sigmas[self.step_index])
+        return sample / self.divisors[self.step_index]
 
     def step(self, model_output, timestep, sample, generator=None):
         i = self.step_index

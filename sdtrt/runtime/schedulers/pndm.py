@@ -8,6 +8,7 @@ schedule repeats the second timestep (skip_prk_steps mode, the one Stable Diffus
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -21,6 +22,16 @@ class Config(BaseConfig):
     timestep_spacing: str = "leading"
     skip_prk_steps: bool = False
     set_alpha_to_one: bool = False
+
+
+class Transfer(NamedTuple):
+    """eq. 11 from t to t': x' = sample_coeff x - (a' - a) eps / denom (v-prediction: eps = v_a v + v_b x)."""
+
+    sample_coeff: torch.Tensor
+    diff: torch.Tensor
+    denom: torch.Tensor
+    v_a: torch.Tensor
+    v_b: torch.Tensor
 
 
 class PNDM(Scheduler):
@@ -39,32 +50,27 @@ class PNDM(Scheduler):
     def set_timesteps(self, num_inference_steps: int) -> None:
         self._check_steps(num_inference_steps)
         self.num_inference_steps = num_inference_steps
-        cfg = self.config
-        base = discrete_timesteps(cfg, num_inference_steps).flip(0).long()  # ascending
+        base = discrete_timesteps(self.config, num_inference_steps).flip(0).long()  # ascending
         # ascending t_0..t_{n-1} -> t_{n-1}, t_{n-2}, t_{n-2}, ..., t_0 (the second timestep twice)
         self.timesteps = torch.cat([base[:-1], base[-2:-1], base[-1:]]).flip(0)
+        ratio = self.config.num_train_timesteps // num_inference_steps
+        # step 1 re-runs the warm-up from t_{n-1}: it transfers from t + ratio to t
+        pairs = [(int(t) + ratio, int(t)) if i == 1 else (int(t), int(t) - ratio) for i, t in enumerate(self.timesteps)]
+        self.plan = [self._transfer_coefficients(t, prev) for t, prev in pairs]
         self.step_index = 0
         self.ets: list[torch.Tensor] = []  # eps history, newest last
         self.warmup_sample: torch.Tensor | None = None
 
-    def _transfer(self, sample, t: int, prev_t: int, eps):
-        """eq. 11: x_{t-d} from x_t and an eps estimate."""
+    def _transfer_coefficients(self, t: int, prev_t: int) -> Transfer:
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         b_t, b_prev = 1 - a_t, 1 - a_prev
-        if self.config.prediction_type == "v_prediction":
-            eps = a_t**0.5 * eps + b_t**0.5 * sample
-        sample_coeff = (a_prev / a_t) ** 0.5
         denom = a_t * b_prev**0.5 + (a_t * b_t * a_prev) ** 0.5
-        return sample_coeff * sample - (a_prev - a_t) * eps / denom
+        return Transfer((a_prev / a_t) ** 0.5, a_prev - a_t, denom, a_t**0.5, b_t**0.5)
 
     def step(self, model_output, timestep, sample, generator=None):
         i = self.step_index
-        t = int(self.timesteps[i])
-        ratio = self.config.num_train_timesteps // self.num_inference_steps
-        prev_t = t - ratio
         if i == 1:  # second evaluation of the warm-up: average eps at t and t - ratio, restart from x_t
-            prev_t, t = t, t + ratio
             eps = (model_output + self.ets[-1]) / 2
             sample, self.warmup_sample = self.warmup_sample, None
         else:
@@ -80,4 +86,7 @@ class PNDM(Scheduler):
             else:
                 eps = 1 / 24 * (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4])
         self.step_index += 1
-        return self._transfer(sample, t, prev_t, eps)
+        c = self.plan[i]
+        if self.config.prediction_type == "v_prediction":
+            eps = c.v_a * eps + c.v_b * sample
+        return c.sample_coeff * sample - c.diff * eps / c.denom
