@@ -138,6 +138,9 @@ def _generate_parser(sub) -> None:
              sdtrt generate "a watercolor fox" --out fox.png
              sdtrt generate "a watercolor fox" --model out/onnx --scheduler "DPM++ 2M Karras" --steps 25 --seed 42
              sdtrt generate "a cat" "a dog" --negative-prompt blurry --num-images 2 --out out/images/
+             sdtrt generate "a fox, oil painting" --model out/onnx-with-encoder --image photo.png --strength 0.6
+             sdtrt generate "a red hat" --model out/inpaint-onnx --image photo.png --mask mask.png
+             sdtrt generate "a (red:1.3) fox, [blurry], ...long prompt..." --prompt-syntax a1111
              """)
     p.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
     p.add_argument("--model", type=Path, help="ONNX dir (sdtrt export) or engine dir (sdtrt build); default: the tiny demo model")
@@ -154,6 +157,12 @@ def _generate_parser(sub) -> None:
     p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's native size)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--clip-skip", type=int, help="use the text encoder's hidden states this many layers before the last")
+    p.add_argument("--image", help="img2img / inpainting: the starting image (PNG, JPEG)")
+    p.add_argument("--mask", help="inpainting: white = repaint, black = keep (same size as --image)")
+    p.add_argument("--strength", type=float, help="how much of the image to repaint, (0, 1] (default 0.8 img2img, 1.0 inpainting)")
+    p.add_argument("--resize", action="store_true", help="resize --image/--mask to a multiple of 8 (or to --height/--width) instead of refusing")
+    p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",
+                   help="plain: diffusers' behaviour (77 tokens, brackets are text); a1111: (word:1.3) weights and long prompts")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="auto: by directory kind")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
@@ -199,7 +208,8 @@ def _run_generate(a: argparse.Namespace) -> None:
     result = pipe(a.prompt, negative_prompt=negative, num_images_per_prompt=a.num_images, steps=a.steps,
                   guidance_scale=a.guidance_scale, guidance_rescale=a.guidance_rescale, scheduler=a.scheduler,
                   scheduler_options=_parse_options(a.scheduler_option), seed=a.seed, height=a.height, width=a.width,
-                  clip_skip=a.clip_skip, progress=not a.no_progress)
+                  clip_skip=a.clip_skip, image=a.image, mask_image=a.mask, strength=a.strength, resize=a.resize,
+                  prompt_syntax=a.prompt_syntax, progress=not a.no_progress)
     paths = _output_paths(Path(a.out), len(result.images), a.out.endswith(("/", os.sep)))
     for image, params, path in zip(result.images, result.parameters, paths):
         save_png(image, path, a1111_parameters(params))
@@ -237,6 +247,8 @@ def _build_parser(sub) -> None:
     p.add_argument("--width", help="pixels, MIN:OPT:MAX or one value, multiples of 8 (default: the model's native size, static)")
     p.add_argument("--target", help="compute capabilities for tensorrt-rtx, comma-separated (default: the local GPU; required without one)")
     p.add_argument("--components", help="comma-separated subset (default: every component in the ONNX directory)")
+    p.add_argument("--max-prompt-chunks", type=int, default=1, metavar="N",
+                   help="long prompts (--prompt-syntax a1111): let the UNet take up to 77 x N text tokens")
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (higher: slower build, maybe faster engine)")
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file, read if present and written after the build (tensorrt only)")
     p.add_argument("--refit", action="store_true", help="build refittable engines (weights can be swapped without a rebuild)")
@@ -254,7 +266,7 @@ def _run_build(a: argparse.Namespace) -> None:
     out = build_engines(a.onnx_dir, a.out, backend=a.backend, batch=a.batch, height=a.height, width=a.width, target=a.target,
                         opt_level=a.opt_level, timing_cache=a.timing_cache, refit=a.refit, workspace_mb=a.workspace,
                         components=[c.strip() for c in a.components.split(",")] if a.components else None,
-                        force=a.force, use_cache=not a.no_cache, cache=a.cache_dir, show_progress=not a.no_progress)
+                        max_prompt_chunks=a.max_prompt_chunks, force=a.force, use_cache=not a.no_cache, cache=a.cache_dir, show_progress=not a.no_progress)
     print(f"wrote engines to {out} (inspect with: sdtrt inspect {out})")
 
 

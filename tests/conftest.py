@@ -32,3 +32,32 @@ def tiny_onnx_fp16(tiny_model, tmp_path_factory) -> Path:
     from sdtrt.export import export_model
 
     return export_model(tiny_model, tmp_path_factory.mktemp("onnx") / "fp16", dtype="fp16", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_model(tmp_path_factory) -> Path:
+    from sdtrt.presets import make_model
+
+    return make_model("tiny-inpaint", tmp_path_factory.mktemp("models") / "tiny-inpaint", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_onnx(tiny_inpaint_model, tmp_path_factory) -> Path:
+    from sdtrt.export import export_model
+
+    return export_model(tiny_inpaint_model, tmp_path_factory.mktemp("onnx") / "inpaint",
+                        components=["text_encoder", "unet", "vae_decoder", "vae_encoder"], show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_model(tmp_path_factory) -> Path:
+    from sdtrt.presets import make_model
+
+    return make_model("tiny-sd2", tmp_path_factory.mktemp("models") / "tiny-sd2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_onnx(tiny_sd2_model, tmp_path_factory) -> Path:
+    from sdtrt.export import export_model
+
+    return export_model(tiny_sd2_model, tmp_path_factory.mktemp("onnx") / "sd2", show_progress=False)

@@ -75,6 +75,17 @@ def test_profiles_follow_the_users_ranges(fp32_dynamic, fp16_static):
     assert static["min"] == static["opt"] == static["max"] == [1, 4, 8, 8]
 
 
+def test_long_prompt_chunks_widen_the_text_axis(tiny_onnx, cache, tmp_path):
+    d = build_engines(tiny_onnx, tmp_path / "long", target="sm86", batch="1:1:2", components=["text_encoder", "unet"],
+                      max_prompt_chunks=3, cache=cache, show_progress=False, log=lambda *_: None)
+    e = _manifest(d)["engines"]
+    ehs = e["unet"]["inputs"]["encoder_hidden_states"]
+    assert ehs["min"][1] == 77 and ehs["max"][1] == 231
+    assert e["text_encoder"]["inputs"]["input_ids"]["max"] == [12, 77]  # 2 x 2 images x 3 chunks
+    with pytest.raises(SdtrtError, match="--max-prompt-chunks 4"):
+        check_profile("unet", e["unet"], {"encoder_hidden_states": (2, 308, 32)}, "sdtrt build X --out Y")
+
+
 def test_same_inputs_and_flags_hit_the_cache_and_anything_else_rebuilds(tiny_onnx, fp32_dynamic, cache, tmp_path):
     messages = []
     again = build_engines(tiny_onnx, tmp_path / "again", target=TARGETS, batch="1:1:4", height="48:64:96", width="48:64:96",

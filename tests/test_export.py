@@ -86,6 +86,11 @@ def test_dynamic_axes_accept_other_batches_and_sizes(tiny_onnx, tiny_model):
         inputs = tuple(x.repeat(batch, *[1] * (x.dim() - 1)) if x.numel() > 1 else x for x in inputs)
         [check] = validate.compare(spec, "fp32", tiny_onnx / name / "model.onnx", ref, inputs)
         assert check.ok, check
+    # long prompts: the UNet's text axis takes 77 x chunks tokens
+    sample, t, ehs = sample_inputs("unet", src, 64, 64, seed=4)
+    [check] = validate.compare(COMPONENTS["unet"], "fp32", tiny_onnx / "unet" / "model.onnx", wrap("unet", modules, src.text_config),
+                               (sample, t, torch.cat([ehs, ehs.flip(1)], dim=1)))
+    assert check.ok, check
 
 
 def _perturb_first_large_initializer(path: Path) -> None:
@@ -203,13 +208,16 @@ def test_killed_export_never_leaves_a_complete_looking_folder(tiny_model, tmp_pa
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()  # only the hidden .partial folder remains; nothing looks finished
+    # the next export cleans up what the killed one abandoned
+    export_model(tiny_model, out, components=["text_encoder"], show_progress=False, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
 
 
 def test_interrupted_export_removes_its_temporary_folder(tiny_model, tmp_path, monkeypatch):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(validate, "compare", interrupt)
+    monkeypatch.setattr(validate, "compare_outputs", interrupt)
     with pytest.raises(KeyboardInterrupt):
         export_model(tiny_model, tmp_path / "onnx", show_progress=False)
     assert list(tmp_path.iterdir()) == []

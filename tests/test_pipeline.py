@@ -175,3 +175,10 @@ def test_running_the_runtime_loads_neither_diffusers_nor_transformers(tiny_onnx)
         f"bad = {sorted(FORBIDDEN)!r}; loaded = [m for m in bad if m in sys.modules]; assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_any_multiple_of_8_works_like_diffusers_not_only_multiples_of_the_unet_depth(pipe, tiny_model):
+    """56 px = 7 latents: odd, so the UNet's skip connections need exact-size upsampling (as in diffusers)."""
+    ours = pipe("a fox", height=56, width=72, steps=3, scheduler="euler", seed=4, progress=False)
+    theirs = reference_pipeline(tiny_model, "euler")("a fox", height=56, width=72, num_inference_steps=3, generator=seeded(4)).images
+    _assert_same(ours.images, theirs)

@@ -41,6 +41,7 @@ def build_engines(
     refit: bool = False,
     workspace_mb: int | None = None,
     components: Iterable[str] | None = None,
+    max_prompt_chunks: int = 1,
     force: bool = False,
     use_cache: bool = True,
     cache: Path | None = None,
@@ -59,7 +60,7 @@ def build_engines(
         raise SdtrtError(f"{onnx_dir} has no {', '.join(missing)} ONNX.",
                          f"re-export with --components {','.join(sorted(available | set(missing)))}, or drop {', '.join(missing)} from --components")
     native = model.meta["default_size"]
-    ranges = Ranges.parse(batch, height or str(native[0]), width or str(native[1]))
+    ranges = Ranges.parse(batch, height or str(native[0]), width or str(native[1]), max_prompt_chunks)
     if not 0 <= opt_level <= 5:
         raise SdtrtError(f"--opt-level {opt_level} is outside 0-5.", "pass --opt-level 3 (the default) or another value 0-5")
     if timing_cache is not None and tk.is_rtx:
@@ -91,7 +92,8 @@ def build_engines(
             "build_seconds": round(time.time() - started, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "source": {"onnx_dir": str(model.root.absolute()), "weights_sha256": model.meta["source"]["sha256"]},
-            "flags": {"batch": str(ranges.batch), "height": str(ranges.height), "width": str(ranges.width), **options.key_fields(),
+            "flags": {"batch": str(ranges.batch), "height": str(ranges.height), "width": str(ranges.width),
+                      "max_prompt_chunks": ranges.prompt_chunks, **options.key_fields(),
                       "timing_cache": str(options.timing_cache) if options.timing_cache else None},
             "engines": entries,
         }

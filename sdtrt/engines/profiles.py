@@ -3,7 +3,9 @@
 Users speak in images and pixels: --batch MIN:OPT:MAX images per call, --height/--width in
 pixels (one value = static). Each engine's profile follows from the ONNX contract:
 latents are pixels / 8; the UNet sees B (guidance off) up to 2 x B_max (guidance on: [uncond; cond]);
-the text encoder encodes prompts and negative prompts in one call, so also up to 2 x B_max.
+the text encoder encodes prompts and negative prompts in one call, so also up to 2 x B_max; with
+--max-prompt-chunks N (long prompts) the UNet's text axis spans 77..77N and the text encoder's batch
+grows N-fold (each 77-token chunk is one row).
 """
 
 from __future__ import annotations
@@ -54,23 +56,27 @@ class Ranges:
     batch: Range
     height: Range
     width: Range
+    prompt_chunks: int = 1  # long prompts (prompt_syntax="a1111"): up to 77 x this many tokens
 
     @classmethod
-    def parse(cls, batch: str, height: str, width: str) -> "Ranges":
-        return cls(Range.parse(batch, "--batch"), Range.parse(height, "--height", VAE_FACTOR), Range.parse(width, "--width", VAE_FACTOR))
+    def parse(cls, batch: str, height: str, width: str, prompt_chunks: int = 1) -> "Ranges":
+        if not isinstance(prompt_chunks, int) or prompt_chunks < 1:
+            raise SdtrtError(f"--max-prompt-chunks {prompt_chunks} must be 1 or more.", "pass 1 (77 tokens) or e.g. 3 for prompts up to 225 tokens")
+        return cls(Range.parse(batch, "--batch"), Range.parse(height, "--height", VAE_FACTOR), Range.parse(width, "--width", VAE_FACTOR), prompt_chunks)
 
 
 def _sizes(r: Ranges, which: str, fixed: dict[str, int]) -> dict[str, int]:
     b, h, w = getattr(r.batch, which), getattr(r.height, which), getattr(r.width, which)
     b2 = r.batch.min if which == "min" else 2 * b  # guidance off at the low end, on above
-    return {**fixed, "B": b, "B2": b2, "S": 77, "H": h, "W": w, "h": h // VAE_FACTOR, "w": w // VAE_FACTOR}
+    s = 77 * r.prompt_chunks if which == "max" else 77
+    return {**fixed, "B": b, "B2": b2, "S": s, "H": h, "W": w, "h": h // VAE_FACTOR, "w": w // VAE_FACTOR}
 
 
 def profile(component: str, ranges: Ranges, fixed: dict[str, int]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """input name -> (min, opt, max) shape for one engine."""
     spec = COMPONENTS[component]
     per = {which: _sizes(ranges, which, fixed) for which in ("min", "opt", "max")}
-    if component == "text_encoder":  # prompts and negatives together: B up to 2 B_max
-        for which in ("opt", "max"):
-            per[which]["B"] = 2 * per[which]["B"]
+    if component == "text_encoder":  # prompts and negatives together: B up to 2 B_max (x chunks of long prompts)
+        per["opt"]["B"] = 2 * per["opt"]["B"]
+        per["max"]["B"] = 2 * per["max"]["B"] * ranges.prompt_chunks
     return {t.name: tuple(t.shape(per[w]) for w in ("min", "opt", "max")) for t in spec.inputs}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import shutil
@@ -81,20 +82,24 @@ def name_io_dims(model, spec: ComponentSpec) -> None:
 
 def clean_and_save(raw_path: Path, out_path: Path, spec: ComponentSpec,
                    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> bool:
-    """Fold constants, infer shapes, toposort; save to `out_path`. Returns True if external data was used."""
+    """Fold constants, infer shapes, toposort; save to `out_path`. Returns True if external data was used.
+
+    Memory: at most two copies of the weights are alive at once (the loaded graph while the cleaned
+    one is written out). Shape inference runs on a weightless twin of the graph, so models over
+    2 GiB need no extra copy or temporary file for it.
+    """
     import onnx
     import onnx_graphsurgeon as gs
-    from polygraphy.backend.onnx import fold_constants, infer_shapes
 
-    model = onnx.load(str(raw_path))  # pulls in any external tensors torch wrote
-    logging.getLogger("polygraphy").setLevel(logging.ERROR)
+    logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
     _quiet_onnxruntime()
     with _quiet(), contextlib.redirect_stdout(io.StringIO()):
-        model = fold_constants(model, num_passes=2, size_threshold=FOLD_SIZE_LIMIT, error_ok=True)
-        graph = gs.import_onnx(model)
-        graph.cleanup().toposort()
+        graph = gs.import_onnx(onnx.load(str(raw_path)))  # pulls in any external tensors torch wrote
+        graph.fold_constants(size_threshold=FOLD_SIZE_LIMIT, error_ok=True).cleanup().toposort()
         model = gs.export_onnx(graph)
-        model = infer_shapes(model, error_ok=True)
+        del graph
+        gc.collect()
+        infer_shapes_in_place(model)
     name_io_dims(model, spec)
     external = initializer_bytes(model) > external_data_threshold
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +109,30 @@ def clean_and_save(raw_path: Path, out_path: Path, spec: ComponentSpec,
     else:
         onnx.save_model(model, str(out_path))
     return external
+
+
+def infer_shapes_in_place(model) -> None:
+    """ONNX shape inference on a copy without the large weights' bytes (their dims suffice), results copied back."""
+    import onnx
+
+    twin = onnx.ModelProto()
+    twin.ir_version = model.ir_version
+    twin.opset_import.extend(model.opset_import)
+    g = twin.graph
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    for t in model.graph.initializer:
+        if t.ByteSize() < 4096:  # small constants (shapes, axes) drive inference: keep their values
+            g.initializer.append(t)
+        else:
+            g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(twin, strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is an optimisation aid; the graph stays valid without it
+        return
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
 
 
 def remove(path: Path) -> None:

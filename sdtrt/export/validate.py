@@ -50,12 +50,21 @@ def ort_session(path: Path, threads: int = 0):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def reference_outputs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The fp32 torch module's outputs: computed before export, so the module can be freed early."""
+    with torch.no_grad():
+        out = module(*inputs)
+    return out if isinstance(out, tuple) else (out,)
+
+
 def compare(spec: ComponentSpec, dtype: str, onnx_path: Path, reference: torch.nn.Module,
             inputs: tuple[torch.Tensor, ...]) -> list[Check]:
     """One Check per output: the ONNX (fed inputs cast to its dtype) vs the fp32 torch module."""
-    with torch.no_grad():
-        ref = reference(*inputs)
-    ref = ref if isinstance(ref, tuple) else (ref,)
+    return compare_outputs(spec, dtype, onnx_path, inputs, reference_outputs(reference, inputs))
+
+
+def compare_outputs(spec: ComponentSpec, dtype: str, onnx_path: Path, inputs: tuple[torch.Tensor, ...],
+                    ref: tuple[torch.Tensor, ...]) -> list[Check]:
     session = ort_session(onnx_path)
     feeds = {}
     for t, x in zip(spec.inputs, inputs):

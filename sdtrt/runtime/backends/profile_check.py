@@ -15,6 +15,7 @@ _USER_TERMS = {
     "w": ("width", "--width", VAE_FACTOR),
     "H": ("height", "--height", 1),
     "W": ("width", "--width", 1),
+    "S": ("text length in tokens (77 per prompt chunk)", "--max-prompt-chunks", 1),
 }
 
 
@@ -31,6 +32,7 @@ def check_profile(component: str, engine: Mapping[str, Any], shapes: Mapping[str
             what, flag, scale = _USER_TERMS.get(t.dims[axis], (f"dimension {axis}", "the build flags", 1))
             unit = " px" if flag in ("--height", "--width") else ""
             have = f"{lo * scale}-{hi * scale}{unit}"
+            example = f"{flag} {-(-value // 77)}" if flag == "--max-prompt-chunks" else f"{flag} MIN:OPT:MAX"
             raise SdtrtError(
                 f"the {component} engine cannot take {t.name} with {what} = {value * scale}{unit}: its profile covers {have}.",
-                f"rebuild with a wider range, e.g. {rebuild} {flag} MIN:OPT:MAX (or request a size inside {have})")
+                f"rebuild with a wider range, e.g. {rebuild} {example} (or request a size inside {have})")

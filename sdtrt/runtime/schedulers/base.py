@@ -37,8 +37,17 @@ class Scheduler:
         raise NotImplementedError
 
     def set_begin_index(self, index: int) -> None:
-        """Start the trajectory part-way (img2img / inpainting strength)."""
+        """Start the trajectory part-way (img2img / inpainting strength): the next step is `timesteps[index]`."""
         self.step_index = index
+
+    @property
+    def remaining_timesteps(self) -> torch.Tensor:
+        """The timesteps still to run, from the current position."""
+        return self.timesteps[self.step_index:]
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """`original` noised to the level of the current position (where the next step starts)."""
+        raise NotImplementedError
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         return sample

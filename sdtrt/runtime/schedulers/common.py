@@ -208,3 +208,13 @@ def sigma_x0(prediction_type: str, model_output: torch.Tensor, sample: torch.Ten
     if prediction_type == "v_prediction":
         return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
     return model_output
+
+
+def noised_by_alpha(alpha_bar: torch.Tensor, original: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """DDPM forward process: sqrt(a) x0 + sqrt(1 - a) noise."""
+    return alpha_bar**0.5 * original + (1 - alpha_bar) ** 0.5 * noise
+
+
+def noised_by_sigma(sigma: torch.Tensor, original: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Variance-exploding form: x0 + sigma noise."""
+    return original + noise * sigma

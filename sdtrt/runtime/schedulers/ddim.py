@@ -16,7 +16,7 @@ import torch
 
 from ..noise import randn
 from .base import Scheduler
-from .common import F64, BaseConfig, alphas_cumprod, arange_down, linspace, refuse, x0_and_eps
+from .common import F64, BaseConfig, alphas_cumprod, arange_down, linspace, noised_by_alpha, refuse, x0_and_eps
 
 
 @dataclasses.dataclass
@@ -87,3 +87,6 @@ class DDIM(Scheduler):
             prev = prev + c.std * randn(model_output.shape, generator, model_output.device, model_output.dtype)
         self.step_index += 1
         return prev
+
+    def add_noise(self, original, noise):
+        return noised_by_alpha(self.alphas_cumprod[int(self.timesteps[self.step_index])], original, noise)

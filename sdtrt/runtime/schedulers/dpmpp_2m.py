@@ -166,3 +166,7 @@ class DPMSolverPP(Scheduler):
             prev = prev + z_coeff * noise
         self.step_index += 1
         return prev.to(model_output.dtype)
+
+    def add_noise(self, original, noise):
+        alpha, sigma = alpha_sigma(self.sigmas[self.step_index])  # VP form: alpha x0 + sigma noise
+        return alpha * original + sigma * noise

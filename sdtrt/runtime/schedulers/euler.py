@@ -12,8 +12,8 @@ import torch
 
 from ..noise import randn
 from .base import Scheduler
-from .common import (F32, BaseConfig, alphas_cumprod, float_timesteps, input_divisors, interp, karras_sigmas, refuse,
-                     sigma_to_t, sigma_x0, train_sigmas)
+from .common import (F32, BaseConfig, alphas_cumprod, float_timesteps, input_divisors, interp, karras_sigmas,
+                     noised_by_sigma, refuse, sigma_to_t, sigma_x0, train_sigmas)
 
 
 @dataclasses.dataclass
@@ -107,3 +107,6 @@ class Euler(Scheduler):
         prev = sample + derivative * dt
         self.step_index += 1
         return prev.to(model_output.dtype)
+
+    def add_noise(self, original, noise):
+        return noised_by_sigma(self.sigmas[self.step_index], original, noise)

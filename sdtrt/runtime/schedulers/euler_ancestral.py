@@ -12,7 +12,7 @@ import torch
 
 from ..noise import randn
 from .base import Scheduler
-from .common import F32, BaseConfig, alphas_cumprod, input_divisors, refuse, sigma_x0
+from .common import F32, BaseConfig, alphas_cumprod, input_divisors, noised_by_sigma, refuse, sigma_x0
 from .euler import init_noise_sigma, sigma_schedule
 
 
@@ -69,3 +69,6 @@ class EulerAncestral(Scheduler):
         prev = prev + randn(model_output.shape, generator, model_output.device, model_output.dtype) * sigma_up
         self.step_index += 1
         return prev.to(model_output.dtype)
+
+    def add_noise(self, original, noise):
+        return noised_by_sigma(self.sigmas[self.step_index], original, noise)

@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from .base import Scheduler
-from .common import F32, BaseConfig, alphas_cumprod, input_divisors, sigma_x0
+from .common import F32, BaseConfig, alphas_cumprod, input_divisors, noised_by_sigma, sigma_x0
 from .euler import init_noise_sigma, sigma_schedule
 
 
@@ -68,3 +68,6 @@ class Heun(Scheduler):
             sample, self.pending = start, None
         self.step_index += 1
         return sample + d * dt
+
+    def add_noise(self, original, noise):
+        return noised_by_sigma(self.sigmas[self.step_index], original, noise)

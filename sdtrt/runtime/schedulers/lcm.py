@@ -14,7 +14,7 @@ import torch
 from ...errors import SdtrtError
 from ..noise import randn
 from .base import Scheduler
-from .common import BaseConfig, alphas_cumprod, linspace_open, prediction_to_x0_eps
+from .common import BaseConfig, alphas_cumprod, linspace_open, noised_by_alpha, prediction_to_x0_eps
 
 
 @dataclasses.dataclass
@@ -77,3 +77,6 @@ class LCM(Scheduler):
             noise = randn(model_output.shape, generator, model_output.device, denoised.dtype)
             return a_prev.sqrt() * denoised + (1 - a_prev).sqrt() * noise
         return denoised
+
+    def add_noise(self, original, noise):
+        return noised_by_alpha(self.alphas_cumprod[int(self.timesteps[self.step_index])], original, noise)

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .base import Scheduler
-from .common import F32, BaseConfig, alphas_cumprod, input_divisors, sigma_x0
+from .common import F32, BaseConfig, alphas_cumprod, input_divisors, noised_by_sigma, sigma_x0
 from .euler import init_noise_sigma, sigma_schedule
 
 # 4-point Gauss-Legendre nodes and weights on [-1, 1]
@@ -76,3 +76,6 @@ class LMS(Scheduler):
         prev = sample + sum(c * d for c, d in zip(coeffs, reversed(self.derivatives)))
         self.step_index += 1
         return prev
+
+    def add_noise(self, original, noise):
+        return noised_by_sigma(self.sigmas[self.step_index], original, noise)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .base import Scheduler
-from .common import BaseConfig, alphas_cumprod, refuse
+from .common import BaseConfig, alphas_cumprod, noised_by_alpha, refuse
 from .ddim import discrete_timesteps
 
 
@@ -53,13 +53,30 @@ class PNDM(Scheduler):
         base = discrete_timesteps(self.config, num_inference_steps).flip(0).long()  # ascending
         # ascending t_0..t_{n-1} -> t_{n-1}, t_{n-2}, t_{n-2}, ..., t_0 (the second timestep twice)
         self.timesteps = torch.cat([base[:-1], base[-2:-1], base[-1:]]).flip(0)
-        ratio = self.config.num_train_timesteps // num_inference_steps
-        # step 1 re-runs the warm-up from t_{n-1}: it transfers from t + ratio to t
-        pairs = [(int(t) + ratio, int(t)) if i == 1 else (int(t), int(t) - ratio) for i, t in enumerate(self.timesteps)]
+        self._start(self.timesteps)
+
+    def _start(self, timesteps: torch.Tensor) -> None:
+        """PLMS counts its warm-up from wherever it starts, so a late start re-plans the rest."""
+        ratio = self.config.num_train_timesteps // self.num_inference_steps
+        # step 1 re-runs the warm-up from the first timestep: it transfers from t + ratio to t
+        pairs = [(int(t) + ratio, int(t)) if i == 1 else (int(t), int(t) - ratio) for i, t in enumerate(timesteps)]
+        self.active = timesteps
         self.plan = [self._transfer_coefficients(t, prev) for t, prev in pairs]
         self.step_index = 0
         self.ets: list[torch.Tensor] = []  # eps history, newest last
         self.warmup_sample: torch.Tensor | None = None
+
+    def set_begin_index(self, index: int) -> None:
+        # diffusers' PNDM has no begin index: img2img hands it the tail of the schedule and its
+        # step counter starts at 0 there, warm-up included. Same here.
+        self._start(self.timesteps[index:])
+
+    @property
+    def remaining_timesteps(self) -> torch.Tensor:
+        return self.active[self.step_index:]
+
+    def add_noise(self, original, noise):
+        return noised_by_alpha(self.alphas_cumprod[int(self.active[self.step_index])], original, noise)
 
     def _transfer_coefficients(self, t: int, prev_t: int) -> Transfer:
         a_t = self.alphas_cumprod[t]

@@ -149,3 +149,7 @@ class UniPC(Scheduler):
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
         self.step_index += 1
         return prev
+
+    def add_noise(self, original, noise):
+        alpha, sigma = alpha_sigma(self.sigmas[self.step_index])  # VP form: alpha x0 + sigma noise
+        return alpha * original + sigma * noise
