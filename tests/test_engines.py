@@ -191,10 +191,10 @@ def test_missing_tensorrt_library_names_the_extra(tiny_onnx, tmp_path, capsys, m
 
 
 def test_build_failure_surfaces_tensorrts_error_and_leaves_nothing(tiny_onnx, tmp_path, capsys):
-    # 8 px = 1 latent: the UNet's down/up path cannot concatenate its skip connection, and TensorRT says so
-    err = _err(capsys, ["build", str(tiny_onnx), "--out", str(tmp_path / "e"), "--target", "sm86", "--height", "8",
+    # a 1 MiB workspace leaves TensorRT no way to implement the UNet, and it says so
+    err = _err(capsys, ["build", str(tiny_onnx), "--out", str(tmp_path / "e"), "--target", "sm86", "--workspace", "1",
                         "--components", "unet", "--no-cache", "--no-progress"])
-    assert "TensorRT-RTX failed to build" in err and "Concat" in err
+    assert "TensorRT-RTX failed to build" in err and "workspace limit" in err and "raise --workspace" in err
     assert list(tmp_path.iterdir()) == []
 
 

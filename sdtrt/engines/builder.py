@@ -93,8 +93,14 @@ def build_engine(tk: Toolkit, onnx_path: Path, shapes: dict[str, tuple], options
     serialized = builder.build_serialized_network(network, config)
     seconds = time.time() - started
     if serialized is None:
-        raise SdtrtError(f"{tk.display} failed to build an engine from {onnx_path}:\n  " + "\n  ".join(logger.errors or ["(no message)"]),
-                         "see TensorRT's errors above; for out-of-memory, lower --workspace, narrow --batch/--height/--width, or close other jobs")
+        errors = logger.errors or ["(no message)"]
+        if any("workspace" in e.lower() for e in errors):
+            fix = "raise --workspace (or drop it: TensorRT may then use all device memory)"
+        elif any("memory" in e.lower() for e in errors):
+            fix = "narrow --batch/--height/--width, close other jobs, or build on a machine with more memory"
+        else:
+            fix = "see TensorRT's errors above; re-export with `sdtrt export` if the graph is at fault"
+        raise SdtrtError(f"{tk.display} failed to build an engine from {onnx_path}:\n  " + "\n  ".join(errors), fix)
     if cache is not None:
         _write_atomic(options.timing_cache, bytes(config.get_timing_cache().serialize()))
     return Built(bytes(serialized), seconds, dict(layers), logger.suppressed, logger.warnings)
