@@ -28,7 +28,7 @@ from .tokenizer import CLIPTokenizer
 @dataclasses.dataclass
 class Result:
     images: list  # PIL images, prompt-major: prompt 0's images first
-    timings: dict[str, float]  # seconds per stage; "unet_calls" is a count
+    timings: dict[str, Any]  # seconds per stage; "unet_calls" a count; "step_seconds" each denoising step
     seed: int | None
     parameters: list[dict[str, Any]]  # per image, what made it (also written into PNGs)
 
@@ -36,6 +36,7 @@ class Result:
 @dataclasses.dataclass
 class _Timer:
     times: dict[str, float] = dataclasses.field(default_factory=dict)
+    stamps: list[float] = dataclasses.field(default_factory=list)  # denoising loop: start, then each step's end
 
     def add(self, stage: str, seconds: float) -> None:
         self.times[stage] = self.times.get(stage, 0.0) + seconds
@@ -130,6 +131,8 @@ class Pipeline:
         timesteps = scheduler.remaining_timesteps
         # all timesteps as [1] float32 tensors on the device, made once outside the loop
         t_inputs = timesteps.to(torch.float32).reshape(-1, 1).to(self.device).unbind(0)
+        stamps = timer.stamps
+        stamps.append(time.perf_counter())
         for i, (t, t_in) in enumerate(zip(_progress(timesteps, progress), t_inputs)):
             x = scheduler.scale_model_input(latents, t)
             x = torch.cat([x, x]) if cfg else x
@@ -151,6 +154,7 @@ class Pipeline:
                     known = scheduler.add_noise(known, inpaint.noise)
                 mask = inpaint.mask.chunk(2)[0] if cfg else inpaint.mask
                 latents = (1 - mask) * known + mask * latents
+            stamps.append(time.perf_counter())
         return latents
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -243,6 +247,7 @@ class Pipeline:
         images = to_pil(decoded) if output_type == "pil" else decoded.float()
         timer.add("vae_decoder", time.perf_counter() - t0)
         timer.times["total"] = time.perf_counter() - started
+        timer.times["step_seconds"] = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
         params = [{
             "prompt": prompts[i // num_images_per_prompt],
             "negative_prompt": negatives[i // num_images_per_prompt] if negatives else None,
