@@ -7,6 +7,7 @@ timers (synchronizing CUDA first on a GPU), so every system is timed at the same
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -92,39 +93,27 @@ class System:
         return None
 
 
-class DiffusersSystem(System):
-    """Eager diffusers: fp32 on CPU; fp16 with SDPA on CUDA (optionally torch.compile'd UNet)."""
+class _DiffusersPipelineSystem(System):
+    """Eager diffusers and Optimum both run diffusers' pipeline code over their own components:
+    scheduler swap, call, stage timers and the no-op-engine overhead run are shared here."""
 
-    def __init__(self, model_dir: Path, device: torch.device, compile_unet: bool = False):
-        from diffusers import StableDiffusionPipeline
-        from diffusers.models.attention_processor import AttnProcessor2_0
+    pipe: Any
+    timers: _Timers
 
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        self.name = "diffusers" + ("+compile" if compile_unet else "")
-        self.device = device
-        self.pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype).to(device)
-        self.pipe.unet.set_attn_processor(AttnProcessor2_0())  # SDPA
-        self.pipe.set_progress_bar_config(disable=True)
-        if compile_unet:
-            self.pipe.unet = torch.compile(self.pipe.unet)
-        self.timers = _Timers(_sync_for(device))
-        self._forward = self.pipe.unet.forward
-        p = self.pipe
-        p.text_encoder.forward = self.timers.wrap("text_encoder", p.text_encoder.forward)
-        p.unet.forward = self.timers.wrap("unet", self._forward)
-        p.vae.decode = self.timers.wrap("vae_decoder", p.vae.decode)
-        self._scheduler_config = dict(p.scheduler.config)
+    def _instrument(self, text_encoder, unet, vae_decode_owner, vae_decode_attr: str) -> None:
+        self.timers = _Timers(_sync_for(self.device))
+        text_encoder.forward = self.timers.wrap("text_encoder", text_encoder.forward)
+        unet.forward = self.timers.wrap("unet", unet.forward)
+        setattr(vae_decode_owner, vae_decode_attr, self.timers.wrap("vae_decoder", getattr(vae_decode_owner, vae_decode_attr)))
+        self._scheduler_config = dict(self.pipe.scheduler.config)
 
-    def _set_scheduler(self, name: str) -> None:
+    def _call(self, r: Request, **extra):
         import diffusers
 
         from sdtrt.runtime import schedulers as S
 
-        cls = getattr(diffusers, S.diffusers_class_name(name))
-        self.pipe.scheduler = cls.from_config(self._scheduler_config, **S.implied_overrides(name))
-
-    def _call(self, r: Request, **extra):
-        self._set_scheduler(r.scheduler)
+        cls = getattr(diffusers, S.diffusers_class_name(r.scheduler))
+        self.pipe.scheduler = cls.from_config(self._scheduler_config, **S.implied_overrides(r.scheduler))
         gen = torch.Generator("cpu").manual_seed(r.seed)
         with torch.inference_mode():
             return self.pipe(r.prompts, negative_prompt=r.negative_prompts, num_inference_steps=r.steps, guidance_scale=r.guidance_scale,
@@ -141,28 +130,59 @@ class DiffusersSystem(System):
         s, c = self.timers.seconds, self.timers.calls
         return Sample(total, s.get("text_encoder", 0.0), s["unet"] / c["unet"], c["unet"], s["vae_decoder"], _uint8(out.images[0]))
 
+    @contextlib.contextmanager
+    def _noop_engine(self):
+        raise NotImplementedError
+        yield
+
     def step_overhead(self, r: Request) -> float:
-        cached = {}
-
-        def noop(sample, *a, **k):
-            out = cached.setdefault(tuple(sample.shape), torch.zeros_like(sample))
-            return (out,) if not k.get("return_dict", True) else type("O", (), {"sample": out})()
-
         stamps: list[float] = []
 
         def on_step_end(pipe, i, t, kwargs):
             stamps.append(time.perf_counter())
             return kwargs
 
-        self.pipe.unet.forward = noop
-        try:
+        with self._noop_engine():
             self._call(dataclasses.replace(r, steps=max(r.steps, OVERHEAD_STEPS)), callback_on_step_end=on_step_end)
-        finally:
-            self.pipe.unet.forward = self.timers.wrap("unet", self._forward)
         return _median_interval(stamps)
 
 
-class OptimumSystem(System):
+class DiffusersSystem(_DiffusersPipelineSystem):
+    """Eager diffusers: fp32 on CPU; fp16 with SDPA on CUDA (optionally torch.compile'd UNet)."""
+
+    def __init__(self, model_dir: Path, device: torch.device, compile_unet: bool = False):
+        from diffusers import StableDiffusionPipeline
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.name = "diffusers" + ("+compile" if compile_unet else "")
+        self.device = device
+        self.pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype).to(device)
+        self.pipe.unet.set_attn_processor(AttnProcessor2_0())  # SDPA
+        self.pipe.set_progress_bar_config(disable=True)
+        if compile_unet:
+            self.pipe.unet = torch.compile(self.pipe.unet)
+        p = self.pipe
+        self._instrument(p.text_encoder, p.unet, p.vae, "decode")
+
+    @contextlib.contextmanager
+    def _noop_engine(self):
+        """The UNet's forward returns a ready tensor: what remains per step is diffusers' own work."""
+        unet, timed = self.pipe.unet, self.pipe.unet.forward
+        cached: dict = {}
+
+        def noop(sample, *a, **k):
+            out = cached.setdefault(tuple(sample.shape), torch.zeros_like(sample))
+            return (out,) if not k.get("return_dict", True) else type("O", (), {"sample": out})()
+
+        unet.forward = noop
+        try:
+            yield
+        finally:
+            unet.forward = timed
+
+
+class OptimumSystem(_DiffusersPipelineSystem):
     """Optimum's ONNX Runtime Stable Diffusion pipeline, exporting its own ONNX from the same folder."""
 
     def __init__(self, model_dir: Path, device: torch.device, cache: Path, threads: int = 0):
@@ -178,53 +198,25 @@ class OptimumSystem(System):
             ORTStableDiffusionPipeline.from_pretrained(str(model_dir), export=True).save_pretrained(str(cache))
         self.pipe = ORTStableDiffusionPipeline.from_pretrained(str(cache), provider=provider, session_options=options)
         self.pipe.set_progress_bar_config(disable=True)
-        self.timers = _Timers(_sync_for(device))
         p = self.pipe
-        p.text_encoder.forward = self.timers.wrap("text_encoder", p.text_encoder.forward)
-        p.unet.forward = self.timers.wrap("unet", p.unet.forward)
-        p.vae_decoder.forward = self.timers.wrap("vae_decoder", p.vae_decoder.forward)
-        self._scheduler_config = dict(p.scheduler.config)
+        self._instrument(p.text_encoder, p.unet, p.vae_decoder, "forward")
 
-    def _call(self, r: Request, **extra):
-        import diffusers
-
-        from sdtrt.runtime import schedulers as S
-
-        cls = getattr(diffusers, S.diffusers_class_name(r.scheduler))
-        self.pipe.scheduler = cls.from_config(self._scheduler_config, **S.implied_overrides(r.scheduler))
-        gen = torch.Generator("cpu").manual_seed(r.seed)
-        return self.pipe(r.prompts, negative_prompt=r.negative_prompts, num_inference_steps=r.steps, guidance_scale=r.guidance_scale,
-                         height=r.height, width=r.width, generator=gen, **extra)
-
-    def run(self, r: Request) -> Sample:
-        self.timers.reset()
-        t = time.perf_counter()
-        out = self._call(r)
-        total = time.perf_counter() - t
-        s, c = self.timers.seconds, self.timers.calls
-        return Sample(total, s.get("text_encoder", 0.0), s["unet"] / c["unet"], c["unet"], s["vae_decoder"], _uint8(out.images[0]))
-
-    def step_overhead(self, r: Request) -> float:
+    @contextlib.contextmanager
+    def _noop_engine(self):
+        """The UNet session's run returns a ready array: Optimum's own conversions per step remain."""
         session = self.pipe.unet.session
         real_run = session.run
         cached: dict = {}
 
-        def noop_run(output_names, feeds, *a, **k):  # the engine call itself becomes free
+        def noop_run(output_names, feeds, *a, **k):
             sample = feeds["sample"]
             return [cached.setdefault(sample.shape, np.zeros_like(sample))]
 
-        stamps: list[float] = []
-
-        def on_step_end(pipe, i, t, kwargs):
-            stamps.append(time.perf_counter())
-            return kwargs
-
         session.run = noop_run
         try:
-            self._call(dataclasses.replace(r, steps=max(r.steps, OVERHEAD_STEPS)), callback_on_step_end=on_step_end)
+            yield
         finally:
             session.run = real_run
-        return _median_interval(stamps)
 
 
 class SdtrtSystem(System):

@@ -100,6 +100,12 @@ DEFAULT_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 VAE_FACTOR = 8  # pixels per latent cell for every supported family
 
 
+def nearest_sizes(v: int) -> str:
+    """The valid sizes (multiples of 8 px) around `v`, for error messages: '96 or 104'."""
+    lo = max(VAE_FACTOR, int(v) // VAE_FACTOR * VAE_FACTOR)
+    return str(lo) if lo == v else f"{lo} or {lo + VAE_FACTOR}"
+
+
 def sizes_for(batch: int, height: int, width: int, *, cfg: bool = True, text_dim: int = 768, seq: int = 77,
               clip_skip_max: int = 1, unet_in_channels: int = 4) -> dict[str, int]:
     """Concrete values for every symbol, from what a user asks for."""

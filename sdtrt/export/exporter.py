@@ -14,7 +14,7 @@ import torch
 
 from .. import __version__
 from ..atomic import atomic_dir, check_output_dir
-from ..components import COMPONENTS, DEFAULT_COMPONENTS, VAE_FACTOR, sizes_for
+from ..components import COMPONENTS, DEFAULT_COMPONENTS, VAE_FACTOR, nearest_sizes, sizes_for
 from ..errors import SdtrtError, require
 from ..progress import progress
 from . import graph, validate
@@ -83,8 +83,7 @@ def check_components(components: Iterable[str]) -> list[str]:
 def check_size(height: int, width: int) -> None:
     for name, v in (("height", height), ("width", width)):
         if v <= 0 or v % VAE_FACTOR:
-            lo, hi = max(VAE_FACTOR, v // VAE_FACTOR * VAE_FACTOR), (v // VAE_FACTOR + 1) * VAE_FACTOR
-            raise SdtrtError(f"{name} {v} is not a positive multiple of {VAE_FACTOR}.", f"use {lo} or {hi}")
+            raise SdtrtError(f"--{name} {v} is not a positive multiple of {VAE_FACTOR}.", f"use --{name} {nearest_sizes(max(v, 1))}")
 
 
 def export_model(

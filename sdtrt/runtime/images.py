@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..components import VAE_FACTOR
+from ..components import VAE_FACTOR, nearest_sizes
 from ..errors import SdtrtError
 
 
@@ -58,11 +58,6 @@ def save_png(image, path: Path | str, parameters: str | None = None) -> Path:
     return path
 
 
-def _nearest(v: int) -> str:
-    lo = max(VAE_FACTOR, v // VAE_FACTOR * VAE_FACTOR)
-    return f"{lo}" if lo == v else f"{lo} or {lo + VAE_FACTOR}"
-
-
 def _open(image, what: str):
     from PIL import Image
 
@@ -84,7 +79,7 @@ def _target_size(size: tuple[int, int], height: int | None, width: int | None, r
     h, w = height or h, width or w
     if (h % VAE_FACTOR or w % VAE_FACTOR) and not resize:
         raise SdtrtError(f"{what} is {w}x{h}, not a multiple of {VAE_FACTOR} in each side.",
-                         f"pass height and width (nearest valid: height {_nearest(h)}, width {_nearest(w)}), "
+                         f"pass height and width (nearest valid: height {nearest_sizes(h)}, width {nearest_sizes(w)}), "
                          f"or resize=True (--resize) to scale it to {w - w % VAE_FACTOR}x{h - h % VAE_FACTOR}")
     return h - h % VAE_FACTOR, w - w % VAE_FACTOR
 

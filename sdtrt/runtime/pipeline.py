@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..components import VAE_FACTOR
+from ..components import VAE_FACTOR, nearest_sizes
 from ..errors import SdtrtError
 from . import backends, prompt_weights, schedulers
 from .artifacts import ModelDir, open_model_dir
@@ -40,11 +40,6 @@ class _Timer:
 
     def add(self, stage: str, seconds: float) -> None:
         self.times[stage] = self.times.get(stage, 0.0) + seconds
-
-
-def _nearest_multiples(v: int) -> str:
-    lo = max(VAE_FACTOR, v // VAE_FACTOR * VAE_FACTOR)
-    return f"{lo} or {lo + VAE_FACTOR}" if lo != v else str(v)
 
 
 @dataclasses.dataclass
@@ -308,7 +303,7 @@ class Pipeline:
                                  "pass one negative prompt per prompt, or a single string for all")
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or v <= 0 or v % VAE_FACTOR:
-                raise SdtrtError(f"{name}={v} is not a positive multiple of {VAE_FACTOR}.", f"use {name}={_nearest_multiples(int(v) if isinstance(v, (int, float)) and v > 0 else 8)}")
+                raise SdtrtError(f"{name}={v} is not a positive multiple of {VAE_FACTOR}.", f"use {name}={nearest_sizes(v if isinstance(v, (int, float)) and v > 0 else 8)}")
         if not isinstance(steps, int) or steps < 1:
             raise SdtrtError(f"steps={steps!r} is not a positive integer.", "pass steps=1 or more (25-50 is typical)")
         if not isinstance(per_prompt, int) or per_prompt < 1:
