@@ -200,3 +200,13 @@ def test_build_failure_surfaces_tensorrts_error_and_leaves_nothing(tiny_onnx, tm
 
 def test_non_onnx_dir_is_refused(tiny_model, tmp_path, capsys):
     assert "sdtrt export" in _err(capsys, ["build", str(tiny_model), "--out", str(tmp_path / "e"), "--target", "sm86"])
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd2_onnx", "tiny_inpaint_onnx"])
+def test_sd2_and_inpainting_models_build_like_the_others(fixture, request, cache, tmp_path):
+    onnx_dir = request.getfixturevalue(fixture)
+    d = build_engines(onnx_dir, tmp_path / "e", target="sm89", batch="1:1:2", cache=cache, show_progress=False, log=lambda *_: None)
+    engines = _manifest(d)["engines"]
+    meta = json.loads((onnx_dir / "sdtrt.json").read_text())
+    assert engines["unet"]["inputs"]["sample"]["min"][1] == meta["unet_in_channels"]  # 9 for inpainting UNets
+    assert set(engines) == set(meta["components"])
