@@ -82,9 +82,6 @@ class RssSampler:
             self._peak = max(self._peak, self._proc.memory_info().rss)
             time.sleep(self._period)
 
-    def current_mb(self) -> float:
-        return self._proc.memory_info().rss / 2**20
-
     @contextmanager
     def window(self) -> Iterator[dict]:
         self._peak = self._proc.memory_info().rss

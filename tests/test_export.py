@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +17,6 @@ import torch
 
 from sdtrt.cli import main as cli
 from sdtrt.components import COMPONENTS
-from sdtrt.errors import SdtrtError
 from sdtrt.export import export_model
 from sdtrt.export import graph, validate
 from sdtrt.export.exporter import sample_inputs

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures
-import math
 import subprocess
 import sys
 from pathlib import Path

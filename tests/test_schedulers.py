@@ -8,7 +8,6 @@ step, so each step is compared on identical inputs and history.
 
 from __future__ import annotations
 
-import json
 
 import diffusers
 import pytest

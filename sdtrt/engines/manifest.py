@@ -34,13 +34,3 @@ def read(engine_dir: Path) -> dict[str, Any]:
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise SdtrtError(f"{path} is not a version-{FORMAT_VERSION} sdtrt engine manifest.", "rebuild with this sdtrt: `sdtrt build ONNX_DIR --out ENGINE_DIR --force`")
     return data
-
-
-def rebuild_hint(manifest: dict[str, Any], engine_dir: Path) -> str:
-    src = manifest.get("source", {}).get("onnx_dir", "ONNX_DIR")
-    flags = manifest.get("flags", {})
-    parts = [f"sdtrt build {src} --out {engine_dir} --force --backend {manifest['backend']['name']}"]
-    for key in ("batch", "height", "width"):
-        if key in flags:
-            parts.append(f"--{key} {flags[key]}")
-    return " ".join(parts)

@@ -19,10 +19,6 @@ RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 _NO_GPU_NOISE = re.compile(r"cudaError 35|CUDA driver version is insufficient|ScopedCudaStream|catchCudaError|no CUDA-capable device", re.I)
 
 
-def library_names() -> list[str]:
-    return list(LIBRARIES)
-
-
 @dataclasses.dataclass
 class Toolkit:
     name: str  # "tensorrt" or "tensorrt-rtx" (CLI / manifest name)
@@ -44,7 +40,8 @@ class Toolkit:
     def is_rtx(self) -> bool:
         return self.name == "tensorrt-rtx"
 
-    def logger(self, echo_warnings: bool = False) -> "CapturingLogger":
+    def logger(self, echo_warnings: bool = False):
+        """A trt.ILogger that collects errors and warnings (and counts harmless no-GPU messages)."""
         return make_logger(self.trt, echo_warnings)
 
     def set_targets(self, config, targets: list[str]) -> None:
@@ -62,14 +59,6 @@ def load_toolkit(name: str) -> Toolkit:
         raise SdtrtError(f"unknown engine backend {name!r}.", f"choose one of: {', '.join(LIBRARIES)}")
     module, extra, display = LIBRARIES[name]
     return Toolkit(name, require(module, extra, f"building or running {display} engines"))
-
-
-def toolkit_for_module(module: str) -> str:
-    """Manifest module name -> backend name."""
-    for name, (mod, _, _) in LIBRARIES.items():
-        if mod == module:
-            return name
-    raise SdtrtError(f"engines were built with an unknown library {module!r}.", "rebuild them with `sdtrt build`")
 
 
 def local_gpu_target() -> str | None:
@@ -110,14 +99,8 @@ def resolve_targets(toolkit: Toolkit, requested: str | None) -> list[str]:
     return list(dict.fromkeys(targets))
 
 
-class CapturingLogger:
-    """Placeholder type for annotations; instances come from make_logger (a subclass of trt.ILogger)."""
-
-    errors: list[str]
-    suppressed: int
-
-
 def make_logger(trt: ModuleType, echo_warnings: bool = False):
+    """The ILogger subclass must derive from the loaded module's class, so it is made per module."""
     class _Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)

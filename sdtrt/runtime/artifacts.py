@@ -27,9 +27,6 @@ class ModelDir:
     def components(self) -> dict[str, dict[str, Any]]:
         return self.manifest["engines"] if self.manifest is not None else self.meta["components"]
 
-    def component_dtype(self, name: str) -> str:
-        return self.meta["components"][name]["dtype"]
-
     @property
     def tokenizer_dir(self) -> Path:
         return self.root / self.meta["tokenizer"]["dir"]

@@ -84,10 +84,6 @@ class Chunked:
     ids: torch.Tensor  # [chunks, 77] int64
     weights: torch.Tensor  # [chunks, 77] float32
 
-    @property
-    def weighted(self) -> bool:
-        return bool((self.weights != 1.0).any())
-
 
 def chunk(tokenizer: CLIPTokenizer, prompt: str) -> Chunked:
     """Token ids and per-token weights of one prompt, in 77-id chunks."""

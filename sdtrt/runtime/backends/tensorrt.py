@@ -52,7 +52,6 @@ def preflight(model: ModelDir, verify: bool = True):
 
 
 def _check_gpu(model: ModelDir, device: torch.device) -> None:
-    from ...engines.toolkit import local_gpu_target
 
     if not torch.cuda.is_available():
         raise SdtrtError("running TensorRT engines needs an NVIDIA GPU, and none is visible here.",

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .common import BaseConfig
+from .common import BaseConfig, noised_by_sigma
 
 
 class Scheduler:
@@ -64,3 +64,26 @@ class Scheduler:
         if n > self.config.num_train_timesteps:
             raise SdtrtError(f"{n} steps exceed the model's {self.config.num_train_timesteps} training timesteps.",
                              f"pass at most {self.config.num_train_timesteps} steps")
+
+
+class SigmaScheduler(Scheduler):
+    """Samplers that work in Karras sigmas (Euler, Euler a, LMS, Heun): x = x0 + sigma * noise.
+
+    Subclasses set `sigmas` (one per timestep plus the final one) and `divisors`
+    (sqrt(sigma^2 + 1) per timestep) in set_timesteps.
+    """
+
+    sigmas: torch.Tensor
+    divisors: list[torch.Tensor]
+
+    @property
+    def init_noise_sigma(self) -> torch.Tensor:
+        """Initial latent scale: sigma_max (linspace/trailing) or sqrt(sigma_max^2 + 1) (leading), as diffusers has it."""
+        top = self.sigmas.max()
+        return top if self.config.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample / self.divisors[self.step_index]
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noised_by_sigma(self.sigmas[self.step_index], original, noise)

@@ -92,6 +92,15 @@ def alphas_cumprod(cfg: BaseConfig, zero_snr: bool = False) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def alphas_cumprod_for_sigmas(cfg: BaseConfig, zero_snr: bool) -> torch.Tensor:
+    """alphas_cumprod for samplers that divide by it: at zero terminal SNR the last value is 0,
+    so (as diffusers does) it is set to 2^-24 to keep sigma finite."""
+    ac = alphas_cumprod(cfg, zero_snr)
+    if zero_snr:
+        ac[-1] = 2**-24
+    return ac
+
+
 def train_sigmas(ac: torch.Tensor) -> torch.Tensor:
     """Karras-style noise levels sigma_t = sqrt((1 - alpha_bar) / alpha_bar), float32, t ascending."""
     return ((1 - ac) / ac) ** 0.5

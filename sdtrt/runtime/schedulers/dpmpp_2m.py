@@ -16,7 +16,7 @@ import torch
 
 from ..noise import randn
 from .base import Scheduler
-from .common import (F32, F64, BaseConfig, alphas_cumprod, arange_down, interp, karras_sigmas, linspace,
+from .common import (F32, F64, BaseConfig, alphas_cumprod_for_sigmas, arange_down, interp, karras_sigmas, linspace,
                      refuse, sigma_to_t, train_sigmas)
 
 
@@ -89,9 +89,7 @@ class DPMSolverPP(Scheduler):
             raise refuse(self.name, f"solver_type={config.solver_type}", "use midpoint or heun")
         if config.thresholding or config.variance_type:
             raise refuse(self.name, "thresholding / learned variance", "set thresholding=False, variance_type=None")
-        self.alphas_cumprod = alphas_cumprod(config, config.rescale_betas_zero_snr)
-        if config.rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24
+        self.alphas_cumprod = alphas_cumprod_for_sigmas(config, config.rescale_betas_zero_snr)
         self.stochastic = config.algorithm_type == "sde-dpmsolver++"
         self.sigmas = torch.empty(0)
 

@@ -11,9 +11,9 @@ import dataclasses
 import torch
 
 from ..noise import randn
-from .base import Scheduler
-from .common import (F32, BaseConfig, alphas_cumprod, float_timesteps, input_divisors, interp, karras_sigmas,
-                     noised_by_sigma, refuse, sigma_to_t, sigma_x0, train_sigmas)
+from .base import SigmaScheduler
+from .common import (F32, BaseConfig, alphas_cumprod_for_sigmas, float_timesteps, input_divisors, interp, karras_sigmas,
+                     refuse, sigma_to_t, sigma_x0, train_sigmas)
 
 
 @dataclasses.dataclass
@@ -32,12 +32,6 @@ class Config(BaseConfig):
     s_noise: float = 1.0
 
 
-def init_noise_sigma(sigmas: torch.Tensor, spacing: str) -> torch.Tensor:
-    """Initial latent scale: sigma_max (linspace/trailing) or sqrt(sigma_max^2 + 1) (leading)."""
-    top = sigmas.max()
-    return top if spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
-
-
 def sigma_schedule(cfg: BaseConfig, n: int, ac: torch.Tensor, karras: bool,
                    sigma_min: float | None = None, sigma_max: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps float32, sigmas float64 without the final entry) for the sigma-based samplers."""
@@ -52,7 +46,7 @@ def sigma_schedule(cfg: BaseConfig, n: int, ac: torch.Tensor, karras: bool,
     return timesteps, sigmas
 
 
-class Euler(Scheduler):
+class Euler(SigmaScheduler):
     name = "euler"
     Config = Config
 
@@ -60,9 +54,7 @@ class Euler(Scheduler):
         super().__init__(config)
         if config.interpolation_type != "linear" or config.timestep_type != "discrete":
             raise refuse(self.name, "log_linear interpolation or continuous timesteps", "use interpolation_type=linear, timestep_type=discrete")
-        self.alphas_cumprod = alphas_cumprod(config, config.rescale_betas_zero_snr)
-        if config.rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24  # keeps sigma finite at zero terminal SNR
+        self.alphas_cumprod = alphas_cumprod_for_sigmas(config, config.rescale_betas_zero_snr)
         self.stochastic = config.s_churn > 0
         self.sigmas = torch.empty(0)
 
@@ -77,13 +69,6 @@ class Euler(Scheduler):
         self.divisors = input_divisors(self.sigmas[:-1])
         self.dts = [nxt - cur for cur, nxt in zip(self.sigmas[:-1].unbind(), self.sigmas[1:].unbind())]
         self.step_index = 0
-
-    @property
-    def init_noise_sigma(self):
-        return init_noise_sigma(self.sigmas, self.config.timestep_spacing)
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample / self.divisors[self.step_index]
 
     def step(self, model_output, timestep, sample, generator=None):
         cfg = self.config
@@ -107,6 +92,3 @@ class Euler(Scheduler):
         prev = sample + derivative * dt
         self.step_index += 1
         return prev.to(model_output.dtype)
-
-    def add_noise(self, original, noise):
-        return noised_by_sigma(self.sigmas[self.step_index], original, noise)

@@ -11,9 +11,9 @@ import dataclasses
 import torch
 
 from ..noise import randn
-from .base import Scheduler
-from .common import F32, BaseConfig, alphas_cumprod, input_divisors, noised_by_sigma, refuse, sigma_x0
-from .euler import init_noise_sigma, sigma_schedule
+from .base import SigmaScheduler
+from .common import F32, BaseConfig, alphas_cumprod_for_sigmas, input_divisors, refuse, sigma_x0
+from .euler import sigma_schedule
 
 
 @dataclasses.dataclass
@@ -21,7 +21,7 @@ class Config(BaseConfig):
     rescale_betas_zero_snr: bool = False
 
 
-class EulerAncestral(Scheduler):
+class EulerAncestral(SigmaScheduler):
     name = "euler_ancestral"
     Config = Config
     stochastic = True
@@ -30,9 +30,7 @@ class EulerAncestral(Scheduler):
         super().__init__(config)
         if config.prediction_type == "sample":
             raise refuse(self.name, "prediction_type=sample", "use epsilon or v_prediction")
-        self.alphas_cumprod = alphas_cumprod(config, config.rescale_betas_zero_snr)
-        if config.rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24
+        self.alphas_cumprod = alphas_cumprod_for_sigmas(config, config.rescale_betas_zero_snr)
         self.sigmas = torch.empty(0)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
@@ -50,13 +48,6 @@ class EulerAncestral(Scheduler):
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         return sigma_up, sigma_down - sigma
 
-    @property
-    def init_noise_sigma(self):
-        return init_noise_sigma(self.sigmas, self.config.timestep_spacing)
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample / self.divisors[self.step_index]
-
     def step(self, model_output, timestep, sample, generator=None):
         i = self.step_index
         sigma = self.sigmas[i]
@@ -69,6 +60,3 @@ class EulerAncestral(Scheduler):
         prev = prev + randn(model_output.shape, generator, model_output.device, model_output.dtype) * sigma_up
         self.step_index += 1
         return prev.to(model_output.dtype)
-
-    def add_noise(self, original, noise):
-        return noised_by_sigma(self.sigmas[self.step_index], original, noise)

@@ -10,9 +10,9 @@ import dataclasses
 
 import torch
 
-from .base import Scheduler
-from .common import F32, BaseConfig, alphas_cumprod, input_divisors, noised_by_sigma, sigma_x0
-from .euler import init_noise_sigma, sigma_schedule
+from .base import SigmaScheduler
+from .common import F32, BaseConfig, alphas_cumprod, input_divisors, sigma_x0
+from .euler import sigma_schedule
 
 
 @dataclasses.dataclass
@@ -24,7 +24,7 @@ class Config(BaseConfig):
     clip_sample_range: float = 1.0
 
 
-class Heun(Scheduler):
+class Heun(SigmaScheduler):
     name = "heun"
     Config = Config
     order = 2
@@ -44,13 +44,6 @@ class Heun(Scheduler):
         self.step_index = 0
         self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (d, dt, x) after a predictor step
 
-    @property
-    def init_noise_sigma(self):
-        return init_noise_sigma(self.sigmas, self.config.timestep_spacing)
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample / self.divisors[self.step_index]
-
     def step(self, model_output, timestep, sample, generator=None):
         cfg, i = self.config, self.step_index
         predictor = self.pending is None
@@ -68,6 +61,3 @@ class Heun(Scheduler):
             sample, self.pending = start, None
         self.step_index += 1
         return sample + d * dt
-
-    def add_noise(self, original, noise):
-        return noised_by_sigma(self.sigmas[self.step_index], original, noise)

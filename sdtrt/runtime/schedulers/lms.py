@@ -12,9 +12,9 @@ import math
 
 import torch
 
-from .base import Scheduler
-from .common import F32, BaseConfig, alphas_cumprod, input_divisors, noised_by_sigma, sigma_x0
-from .euler import init_noise_sigma, sigma_schedule
+from .base import SigmaScheduler
+from .common import F32, BaseConfig, alphas_cumprod, input_divisors, sigma_x0
+from .euler import sigma_schedule
 
 # 4-point Gauss-Legendre nodes and weights on [-1, 1]
 _GL_X = (-0.8611363115940526, -0.3399810435848563, 0.3399810435848563, 0.8611363115940526)
@@ -41,7 +41,7 @@ def lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
     return half * math.fsum(w * basis(mid + half * x) for x, w in zip(_GL_X, _GL_W))
 
 
-class LMS(Scheduler):
+class LMS(SigmaScheduler):
     name = "lms"
     Config = Config
 
@@ -59,13 +59,6 @@ class LMS(Scheduler):
         self.step_index = 0
         self.derivatives: list[torch.Tensor] = []  # newest last, at most `order`
 
-    @property
-    def init_noise_sigma(self):
-        return init_noise_sigma(self.sigmas, self.config.timestep_spacing)
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample / self.divisors[self.step_index]
-
     def step(self, model_output, timestep, sample, generator=None):
         i = self.step_index
         sigma = self.sigmas[i]
@@ -76,6 +69,3 @@ class LMS(Scheduler):
         prev = sample + sum(c * d for c, d in zip(coeffs, reversed(self.derivatives)))
         self.step_index += 1
         return prev
-
-    def add_noise(self, original, noise):
-        return noised_by_sigma(self.sigmas[self.step_index], original, noise)

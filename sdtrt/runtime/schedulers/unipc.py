@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from .base import Scheduler
-from .common import (F32, BaseConfig, alphas_cumprod, interp, karras_sigmas, refuse, sigma_to_t,
+from .common import (F32, BaseConfig, alphas_cumprod_for_sigmas, interp, karras_sigmas, refuse, sigma_to_t,
                      train_sigmas)
 from .dpmpp_2m import alpha_sigma, log_snr, multistep_timesteps
 
@@ -43,9 +43,7 @@ class UniPC(Scheduler):
             raise refuse(self.name, f"solver_type={config.solver_type}", "use bh2 (or bh1)")
         if not config.predict_x0 or config.thresholding:
             raise refuse(self.name, "predict_x0=False or thresholding", "use predict_x0=True, thresholding=False")
-        self.alphas_cumprod = alphas_cumprod(config, config.rescale_betas_zero_snr)
-        if config.rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24
+        self.alphas_cumprod = alphas_cumprod_for_sigmas(config, config.rescale_betas_zero_snr)
         self.sigmas = torch.empty(0)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
@@ -121,7 +119,7 @@ class UniPC(Scheduler):
             x = x - alpha_t * b_h * 0
         return x.to(sample.dtype)
 
-    def _correct(self, model_x0, last_sample, this_sample, order: int):
+    def _correct(self, model_x0, last_sample, order: int):
         """UniC: refine the sample at sigmas[i] using the model output there (m_t = model_x0)."""
         i = self.step_index
         alpha_t, sigma_t, lambda_t = log_snr(self.sigmas[i])
@@ -140,7 +138,7 @@ class UniPC(Scheduler):
         cfg, i = self.config, self.step_index
         model_x0 = self._x0(model_output, sample)
         if i > 0 and (i - 1) not in cfg.disable_corrector and self.last_sample is not None:
-            sample = self._correct(model_x0, self.last_sample, sample, self.this_order)
+            sample = self._correct(model_x0, self.last_sample, self.this_order)
         self.x0_history = (self.x0_history + [model_x0])[-cfg.solver_order:]
         order = min(cfg.solver_order, len(self.timesteps) - i) if cfg.lower_order_final else cfg.solver_order
         self.this_order = min(order, self.lower_order_nums + 1)
