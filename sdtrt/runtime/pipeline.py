@@ -120,9 +120,11 @@ class Pipeline:
         cfg = embeddings.shape[0] == 2 * latents.shape[0]
         unet_dtype = self.backend.input_dtype("unet", "sample")
         embeddings = embeddings.to(self.backend.input_dtype("unet", "encoder_hidden_states"))
-        extra = None
+        extra = blend_mask = None
         if inpaint is not None and inpaint.nine_channel:  # the inpainting UNet also sees mask and masked image
             extra = torch.cat([inpaint.mask, inpaint.masked_latents], dim=1)
+        elif inpaint is not None:  # a standard UNet: blend the known area back in after each step
+            blend_mask = inpaint.mask.chunk(2)[0] if cfg else inpaint.mask
         timesteps = scheduler.remaining_timesteps
         # all timesteps as [1] float32 tensors on the device, made once outside the loop
         t_inputs = timesteps.to(torch.float32).reshape(-1, 1).to(self.device).unbind(0)
@@ -142,13 +144,12 @@ class Pipeline:
                 if guidance_rescale > 0:
                     noise = rescaled(noise, cond, guidance_rescale)
             latents = scheduler.step(noise, t, latents, generator=generator)
-            if inpaint is not None and not inpaint.nine_channel:
+            if blend_mask is not None:
                 # keep the unmasked area on the image's own trajectory, noised to the next level
                 known = inpaint.image_latents
                 if i < len(timesteps) - 1:
                     known = scheduler.add_noise(known, inpaint.noise)
-                mask = inpaint.mask.chunk(2)[0] if cfg else inpaint.mask
-                latents = (1 - mask) * known + mask * latents
+                latents = (1 - blend_mask) * known + blend_mask * latents
             stamps.append(time.perf_counter())
         return latents
 
