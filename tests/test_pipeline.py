@@ -129,6 +129,7 @@ def test_concurrent_calls_return_the_same_images_as_serial_calls(pipe):
     (dict(negative_prompt=["a", "b", "c"]), "one negative prompt per prompt"),
     (dict(clip_skip=5), "clip_skip 1..2"),
     (dict(seed=1, generator=seeded(1)), "one of them"),
+    (dict(generator=[seeded(1), seeded(2), seeded(3)]), "one generator per image"),
     (dict(scheduler_options={"use_karas_sigmas": True}, scheduler="euler"), "use_karras_sigmas"),
 ])
 def test_bad_arguments_are_refused_naming_the_fix(pipe, kwargs, match):

@@ -324,6 +324,9 @@ class Pipeline:
                              "pass clip_skip=None (no skip) or a value in that range")
         if seed is not None and generator is not None:
             raise SdtrtError("both seed and generator were given.", "pass one of them")
+        images = len(prompts) * per_prompt if isinstance(per_prompt, int) else None
+        if isinstance(generator, (list, tuple)) and len(generator) not in (1, images):
+            raise SdtrtError(f"{len(generator)} generators for {images} images.", "pass one generator per image, or a single one")
         if seed is not None and (not isinstance(seed, int) or seed < 0):
             raise SdtrtError(f"seed={seed!r} must be a non-negative integer.", "pass e.g. seed=42")
         missing = {"text_encoder", "unet", "vae_decoder"} - self.backend.components()
