@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .common import BaseConfig, noised_by_sigma
+from .common import BaseConfig, alphas_cumprod_for_sigmas, noised_by_sigma
 
 
 class Scheduler:
@@ -75,6 +75,12 @@ class SigmaScheduler(Scheduler):
 
     sigmas: torch.Tensor
     divisors: list[torch.Tensor]
+
+    def __init__(self, config: BaseConfig):
+        super().__init__(config)
+        # configs without rescale_betas_zero_snr (LMS, Heun) never rescale, as in diffusers
+        self.alphas_cumprod = alphas_cumprod_for_sigmas(config, getattr(config, "rescale_betas_zero_snr", False))
+        self.sigmas = torch.empty(0)
 
     @property
     def init_noise_sigma(self) -> torch.Tensor:

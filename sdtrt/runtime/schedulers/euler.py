@@ -12,7 +12,7 @@ import torch
 
 from ..noise import randn
 from .base import SigmaScheduler
-from .common import (F32, BaseConfig, alphas_cumprod_for_sigmas, float_timesteps, input_divisors, interp, karras_sigmas,
+from .common import (F32, BaseConfig, float_timesteps, input_divisors, interp, karras_sigmas,
                      refuse, sigma_to_t, sigma_x0, train_sigmas)
 
 
@@ -54,9 +54,7 @@ class Euler(SigmaScheduler):
         super().__init__(config)
         if config.interpolation_type != "linear" or config.timestep_type != "discrete":
             raise refuse(self.name, "log_linear interpolation or continuous timesteps", "use interpolation_type=linear, timestep_type=discrete")
-        self.alphas_cumprod = alphas_cumprod_for_sigmas(config, config.rescale_betas_zero_snr)
         self.stochastic = config.s_churn > 0
-        self.sigmas = torch.empty(0)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         self._check_steps(num_inference_steps)

@@ -12,7 +12,7 @@ import torch
 
 from ..noise import randn
 from .base import SigmaScheduler
-from .common import F32, BaseConfig, alphas_cumprod_for_sigmas, input_divisors, refuse, sigma_x0
+from .common import F32, BaseConfig, input_divisors, refuse, sigma_x0
 from .euler import sigma_schedule
 
 
@@ -30,8 +30,6 @@ class EulerAncestral(SigmaScheduler):
         super().__init__(config)
         if config.prediction_type == "sample":
             raise refuse(self.name, "prediction_type=sample", "use epsilon or v_prediction")
-        self.alphas_cumprod = alphas_cumprod_for_sigmas(config, config.rescale_betas_zero_snr)
-        self.sigmas = torch.empty(0)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         self._check_steps(num_inference_steps)

@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from .base import SigmaScheduler
-from .common import F32, BaseConfig, alphas_cumprod, input_divisors, sigma_x0
+from .common import F32, BaseConfig, input_divisors, sigma_x0
 from .euler import sigma_schedule
 
 
@@ -28,11 +28,6 @@ class Heun(SigmaScheduler):
     name = "heun"
     Config = Config
     order = 2
-
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self.alphas_cumprod = alphas_cumprod(config)
-        self.sigmas = torch.empty(0)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         self._check_steps(num_inference_steps)

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .base import SigmaScheduler
-from .common import F32, BaseConfig, alphas_cumprod, input_divisors, sigma_x0
+from .common import F32, BaseConfig, input_divisors, sigma_x0
 from .euler import sigma_schedule
 
 # 4-point Gauss-Legendre nodes and weights on [-1, 1]
@@ -44,11 +44,6 @@ def lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
 class LMS(SigmaScheduler):
     name = "lms"
     Config = Config
-
-    def __init__(self, config: Config):
-        super().__init__(config)
-        self.alphas_cumprod = alphas_cumprod(config)
-        self.sigmas = torch.empty(0)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         self._check_steps(num_inference_steps)
