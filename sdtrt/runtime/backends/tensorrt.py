@@ -136,10 +136,17 @@ class TensorRTBackend:
         with self._lock:
             return self._enqueue(component, feeds)
 
-    def _enqueue(self, component: str, feeds: Mapping[str, torch.Tensor], outputs: dict | None = None) -> dict[str, torch.Tensor]:
-        ctx = self._contexts[component]
+    def _enqueue(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One engine call on torch's current stream, ordered after the previous call (shared activations)."""
         stream = torch.cuda.current_stream(self.device)
         stream.wait_event(self._done)  # the previous call's activations are done with
+        outputs = self._execute(component, feeds, None, stream)
+        self._done.record(stream)
+        return outputs
+
+    def _execute(self, component: str, feeds: Mapping[str, torch.Tensor], outputs: dict | None, stream) -> dict[str, torch.Tensor]:
+        """Set shapes and addresses and enqueue; no cross-call ordering (so it can be graph-captured)."""
+        ctx = self._contexts[component]
         for name, x in feeds.items():
             ctx.set_input_shape(name, tuple(x.shape))
             ctx.set_tensor_address(name, x.data_ptr())
@@ -151,7 +158,6 @@ class TensorRTBackend:
             ctx.set_tensor_address(name, out.data_ptr())
         if not ctx.execute_async_v3(stream.cuda_stream):
             raise SdtrtError(f"{component} failed to run: " + "; ".join(self.logger.errors[-3:] or ["no message"]), f"rebuild: {_rebuild(self.model)}")
-        self._done.record(stream)
         return outputs
 
     def close(self) -> None:
@@ -182,13 +188,17 @@ class _Graphs:
             if entry is None or entry[3] != shapes:
                 static_in = {k: v.clone() for k, v in feeds.items()}
                 static_out = b._enqueue(component, static_in)  # warm-up run, also allocates the outputs
-                torch.cuda.current_stream(b.device).synchronize()
+                torch.cuda.synchronize(b.device)
                 graph = torch.cuda.CUDAGraph()
+                # events stay outside the capture: ordering between calls is done around replay()
                 with torch.cuda.graph(graph, stream=self.stream):
-                    b._enqueue(component, static_in, static_out)
+                    b._execute(component, static_in, static_out, torch.cuda.current_stream(b.device))
                 entry = self.graphs[component] = (graph, static_in, static_out, shapes)
             graph, static_in, static_out, _ = entry
+            stream = torch.cuda.current_stream(b.device)
             for k, v in feeds.items():
                 static_in[k].copy_(v)
+            stream.wait_event(b._done)
             graph.replay()
+            b._done.record(stream)
             return {k: v.clone() for k, v in static_out.items()}
