@@ -1,7 +1,7 @@
 """The runtime tokenizer gives the ids diffusers gets from transformers' CLIPTokenizer for the same folder.
 
 Target: transformers 4.57's CLIPTokenizer (the class StableDiffusionPipeline loads), with ftfy
-installed. Known gap, documented in sdtrt.runtime.text_cleaning: ftfy's mojibake repair.
+installed: every prompt gets the same ids, mojibake included (both run ftfy.fix_text).
 """
 
 from __future__ import annotations
@@ -25,11 +25,35 @@ HAND_WRITTEN = [
     "C++ and C# and F#", "snake_case camelCase kebab-case", "İstanbul ß STRASSE ſ", "\u0345x\u0345", "café" * 40,
     "word " * 100, "a" * 300, "Ⓐⓑ ㊗ ℃ ™ ©",
 ]
+
+
+def _as_cp1252(text: str, times: int = 1) -> str:
+    """Mojibake as it happens: UTF-8 bytes read as Windows-1252 (its 5 undefined bytes as Latin-1), `times` over."""
+    for _ in range(times):
+        text = "".join(bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in text.encode("utf-8"))
+    return text
+
+
+# ftfy repairs these; the ids must follow its repair exactly.
+MOJIBAKE = [
+    "cafÃ©", "Ã¼ber alles", "donâ€™t stop", "â€œquotedâ€\x9d", "cafÃ©\nline two â€” dash", "Ã\xa0 la carte",
+    "Ã  la plage", "cafÃ© and café side by side", "Ã¼ber &amp; Ã¶ffentlich <b>tag</b>", "ÃƒÂ©tÃƒÂ©",
+    _as_cp1252("naïve café résumé"), _as_cp1252("crème brûlée — “deluxe”"), _as_cp1252("東京の夜景、ネオン"),
+    _as_cp1252("a café in 東京") + " 東京の夜景", _as_cp1252("😀 emoji 🔥"), _as_cp1252("Über Straße", 2),
+    _as_cp1252("naïve", 3), "Ã\x86rÃ¸ Ã\x98resund", "seÃ±or piÃ±ata", "â€˜singleâ€™ and â€¦ ellipsis",
+    "Ã© on its own", "â‚¬ sign",
+]
+# Text that looks like mojibake (or has its characters) but is not: ftfy leaves it, and so must we.
+NOT_MOJIBAKE = [
+    "ÂÊÎÔÛ circumflex caps", "Ä Ö Ü ä ö ü German umlauts", "£50 — €20 ¥100", "Hawaiʻi ʻōlelo", "Łódź Ñandú Øre",
+    "naïve Æsir œuvre", "ÀÉÎÕÜ", "smörgåsbord", "Ã", "â€", "Â", "São Paulo Ñoño", "MÃE (Portuguese caps)",
+    "ÂGE ÉTÉ", "Ça va à Paris",
+]
 FRAGMENTS = [
     "a portrait of", "an astronaut", "riding a horse", "on mars", "highly detailed", "8k", "by greg rutkowski",
     "(masterpiece:1.3)", "[low quality]", "東京", "😀", "naïve", "&amp;", "“quoted”", "1920s", "f/1.8", "50mm",
     "it's", "ＷＩＤＥ", "ﬁne", "<lora:x:0.5>", "--no text", "@artist", "#hashtag", "$100", "100%", "~ ^ |",
-    "\t", "\n", "  ", "!", "!!", "?", "Ⅷ", "é", "e\u0301", "ª", "_under_score_",
+    "\t", "\n", "  ", "!", "!!", "?", "Ⅷ", "é", "e\u0301", "ª", "_under_score_", "cafÃ©", "â€œhiâ€\x9d",
 ]
 
 
@@ -38,7 +62,7 @@ def _generated(n: int = 300) -> list[str]:
     return [" ".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 30))) for _ in range(n)]
 
 
-PROMPTS = HAND_WRITTEN + _generated()
+PROMPTS = HAND_WRITTEN + MOJIBAKE + NOT_MOJIBAKE + _generated()
 
 
 @pytest.fixture(scope="module", params=["<|endoftext|>", "!"], ids=["sd1-pads-with-eos", "sd2-pads-with-!"])
@@ -53,11 +77,18 @@ def test_ids_equal_transformers_for_hundreds_of_prompts(tokenizer_dir):
 
     reference = Reference.from_pretrained(tokenizer_dir)
     ours = CLIPTokenizer.from_dir(tokenizer_dir)
-    assert len(PROMPTS) >= 300
+    assert reference.fix_text is not None, "the oracle needs ftfy installed (else it falls back to BERT's clean-up)"
+    assert len(PROMPTS) >= 300 and len(MOJIBAKE) >= 15
     expected = reference(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
     got = ours.encode(PROMPTS).tolist()
     mismatches = [(p, e, g) for p, e, g in zip(PROMPTS, expected, got) if e != g]
     assert not mismatches, mismatches[:3]
+
+
+def test_mojibake_is_repaired_as_ftfy_repairs_it(tokenizer_dir):
+    ours = CLIPTokenizer.from_dir(tokenizer_dir)
+    assert ours.token_ids("cafÃ©") == ours.token_ids("café")
+    assert ours.token_ids("donâ€™t") == ours.token_ids("don't")
 
 
 def test_shape_dtype_and_special_tokens(tokenizer_dir):
@@ -80,7 +111,11 @@ def test_long_prompt_is_truncated_to_75_tokens_with_a_warning(tokenizer_dir, cap
     ours = CLIPTokenizer.from_dir(tokenizer_dir)
     ids = ours.encode("word " * 100)[0].tolist()
     assert ids[0] == 49406 and ids[76] == 49407 and len(ids) == 77
-    assert "truncated" in caplog.text
+    [record] = caplog.records
+    line = record.getMessage()
+    # one short line (diffusers' warning repeats every dropped word: 10 KB for a long prompt)
+    assert record.levelname == "WARNING" and "\n" not in line and len(line) < 300, line
+    assert "100 tokens" in line and "75" in line and "dropped 'word word" in line and "--prompt-syntax a1111" in line
 
 
 def test_digits_are_one_token_each(tokenizer_dir):

@@ -1,8 +1,8 @@
 """CLIP's byte-level BPE tokenizer, standard library only.
 
 Gives the ids that transformers' CLIPTokenizer (the class StableDiffusionPipeline loads, with ftfy
-installed, transformers 4.57) gives for the same tokenizer folder: see `text_cleaning` for the text
-normalisation and its one documented gap (mojibake repair). Known, deliberate details it reproduces:
+installed, transformers 4.57) gives for the same tokenizer folder; `text_cleaning` runs ftfy as
+transformers does (mojibake repair included). Known, deliberate details it reproduces:
 
 * added tokens in tokenizer_config.json are split out first and never BPE'd. For SD2 tokenizers the
   pad token "!" is such a token, so a literal "!" in a prompt becomes id 0 (not "!</w>", 256),
@@ -200,12 +200,19 @@ class CLIPTokenizer:
         for p in prompts:
             ids = self.token_ids(p)
             if len(ids) > room:
-                log.warning("The following part of your input was truncated because CLIP can only handle sequences "
-                            "up to %d tokens: %r", self.max_length, self.decode(ids[room:]))
+                log.warning("%s", self._truncation_message(len(ids), self.decode(ids[room:])))
                 ids = ids[:room]
             row = [self.bos_id, *ids, self.eos_id]
             rows.append(row + [self.pad_id] * (self.max_length - len(row)))
         return torch.tensor(rows, dtype=torch.long)
+
+    def _truncation_message(self, n_tokens: int, dropped: str) -> str:
+        """One line, whatever the prompt's length: diffusers' warning repeats all the dropped text."""
+        dropped = " ".join(dropped.split())
+        if len(dropped) > 40:
+            dropped = dropped[:40].rstrip() + "…"
+        return (f"prompt has {n_tokens} tokens but CLIP takes {self.max_length - 2}; dropped {dropped!r}. "
+                f'For long prompts use prompt_syntax="a1111" (CLI: --prompt-syntax a1111)')
 
     def decode(self, ids: list[int]) -> str:
         """Text for ids (for messages such as the truncation warning)."""
