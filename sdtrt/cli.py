@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import signals
+
+    signals.install()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -357,9 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         if e.fix:
             print(f"  fix: {e.fix}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sdtrt: interrupted; nothing partial was left behind", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (signals.Terminated)
+        code = signals.exit_code(e)
+        print(f"sdtrt: {'terminated' if code == 143 else 'interrupted'}; nothing partial was left behind", file=sys.stderr)
+        return code
     return 0
 
 

@@ -3,12 +3,9 @@ so `sdtrt generate "a prompt"` works on a fresh machine with no model at hand.""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SDTRT_CACHE", Path.home() / ".cache" / "sdtrt"))
+from .files import cache_dir
 
 
 def default_onnx_dir(log=print) -> Path:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_dir
+from .files import atomic_dir
 from .errors import SdtrtError, require
 
 _SD_SCHEDULER = {  # the scheduler_config.json of the SD 1.x / 2.x base checkpoints

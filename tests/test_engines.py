@@ -13,7 +13,7 @@ import pytest
 from sdtrt.cli import main as cli
 from sdtrt.engines.build import build_engines
 from sdtrt.errors import SdtrtError
-from sdtrt.hashing import file_sha256
+from sdtrt.files import file_sha256
 from sdtrt.runtime.artifacts import open_model_dir
 from sdtrt.runtime.backends.profile_check import check_profile
 from sdtrt.runtime.backends.tensorrt import preflight

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import resource
 import shutil
 import time
@@ -12,10 +11,8 @@ from pathlib import Path
 from typing import Iterable
 
 from .. import __version__
-from ..atomic import atomic_dir, check_output_dir
-from ..default_model import cache_dir
+from ..files import atomic_dir, atomic_file, cache_dir, check_output_dir, file_sha256, write_text
 from ..errors import SdtrtError
-from ..hashing import file_sha256
 from ..progress import progress
 from ..runtime.artifacts import ONNX_METADATA, open_model_dir
 from . import manifest as mf
@@ -90,7 +87,7 @@ def build_engines(
             "build_machine_gpu": local_gpu_target(),
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(time.time() - started, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": round(max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024, 1),
             "source": {"onnx_dir": str(model.root.absolute()), "weights_sha256": model.meta["source"]["sha256"]},
             "flags": {"batch": str(ranges.batch), "height": str(ranges.height), "width": str(ranges.width),
                       "max_prompt_chunks": ranges.prompt_chunks, **options.key_fields(),
@@ -115,10 +112,11 @@ def _engine(tk, model, name: str, ranges: Ranges, options: BuildOptions, tmp: Pa
         log(f"{name}: engine cache hit ({key[:12]}), not rebuilt")
         build = cached
     else:
-        bar = progress(desc=f"build {name}", disable=not show_progress)
-        built = build_engine(tk, onnx_path, shapes, options, bar)
-        bar.close()
-        target.write_bytes(built.data)
+        bar = progress(desc=f"build {name}", disable=not show_progress, unit="step")
+        try:
+            built = build_engine(tk.name, onnx_path, shapes, options, target, bar)
+        finally:
+            bar.close()
         build = {"build_seconds": round(built.seconds, 2), "layers": built.layers, "cache_hit": False}
         if built.suppressed_messages:
             build["no_gpu_messages_suppressed"] = built.suppressed_messages
@@ -153,8 +151,6 @@ def _from_cache(store: Path | None, key: str, target: Path) -> dict | None:
 
 
 def _to_cache(store: Path, key: str, engine: Path, build: dict) -> None:
-    store.mkdir(parents=True, exist_ok=True)
-    tmp = store / f".{key}.{os.getpid()}.partial"
-    shutil.copy2(engine, tmp)
-    os.replace(tmp, store / f"{key}.engine")
-    (store / f"{key}.json").write_text(json.dumps({"sha256": file_sha256(engine), "build": build}))
+    with atomic_file(store / f"{key}.engine") as tmp:
+        shutil.copyfile(engine, tmp)
+    write_text(store / f"{key}.json", json.dumps({"sha256": file_sha256(engine), "build": build}))

@@ -13,12 +13,11 @@ from typing import Iterable
 import torch
 
 from .. import __version__
-from ..atomic import atomic_dir, check_output_dir
+from ..files import atomic_dir, check_output_dir, file_sha256
 from ..components import COMPONENTS, DEFAULT_COMPONENTS, VAE_FACTOR, nearest_sizes, sizes_for
 from ..errors import SdtrtError, require
 from ..progress import progress
 from . import graph, validate
-from ..hashing import file_sha256
 from .source import SourceModel, inspect_source, load_modules, weights_sha256
 from .wrappers import clip_skip_max, wrap
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SdtrtError, require
-from ..hashing import file_sha256
+from ..files import file_sha256
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 SUPPORTED_TEXT = "Stable Diffusion 1.x and 2.x (StableDiffusionPipeline / Img2Img / Inpaint folders)"

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from ...errors import SdtrtError
-from ...hashing import file_sha256
+from ...files import file_sha256
 from ..artifacts import ModelDir
 from .base import TORCH_DTYPES
 from .profile_check import check_profile
