@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
+import math
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .harness import image_check, measure, parse_percent, regressions, results_document, write_json
+from .harness import (check_output_path, image_check, load_results, measure, parse_percent, regressions, results_document,
+                      write_chart, write_json)
 from .systems import DiffusersSystem, OptimumSystem, Request, SdtrtSystem, System
 
 ALL_SYSTEMS = ("diffusers", "diffusers-compile", "optimum", "sdtrt")
@@ -42,50 +46,162 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-regression", default="5%", help="allowed slowdown per stage for --compare (e.g. 5%% or 0.05)")
 
 
+PRESET_SEED = 0  # presets are deterministic: preset name + sdtrt version + this seed name the weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """The flags, checked and parsed before any model is made, loaded or exported."""
+
+    systems: list[str]
+    prompts: list[str]
+    max_regression: float
+    baseline: dict[str, Any] | None
+    plot: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """The model under test, named by its content: every cached artifact lives under `cache(work)`,
+    a folder keyed by the weights' sha256, never by the folder's name (two models called `tiny` differ)."""
+
+    path: Path
+    name: str  # for people: the folder name or preset
+    sha256: str  # sdtrt.export.source.weights_sha256 of its weight files
+
+    def cache(self, work: Path) -> Path:
+        return work / self.sha256[:16]
+
+
+def check_args(a: argparse.Namespace) -> Checked:
+    """Refuse bad flags up front, each naming the flag: a typo must cost a second, not a whole benchmark."""
+    from sdtrt.errors import SdtrtError
+    from sdtrt.runtime.schedulers import resolve
+
+    if a.model_dir and a.preset:
+        raise SdtrtError("both a model folder and --preset were given.", "pass one of them")
+    if not a.model_dir and not a.preset:
+        raise SdtrtError("no model to benchmark.", "pass a diffusers folder or --preset sd15 (or tiny)")
+    if a.preset:
+        _presets().get_preset(a.preset)
+    wanted = [s.strip() for s in a.systems.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - set(ALL_SYSTEMS))
+    if unknown:
+        raise SdtrtError(f"--systems: unknown system(s) {', '.join(unknown)}.", f"pass --systems with names from {', '.join(ALL_SYSTEMS)}")
+    if "diffusers" not in wanted:
+        wanted.insert(0, "diffusers")  # the reference every ratio and image is measured against
+    for flag, value, least in (("--batch", a.batch, 1), ("--steps", a.steps, 1), ("--repeats", a.repeats, 1),
+                               ("--warmup", a.warmup, 0), ("--threads", a.threads, 0)):
+        if value < least:
+            raise SdtrtError(f"{flag} {value} is less than {least}.", f"pass {flag} {least} or more")
+    for flag, value in (("--height", a.height), ("--width", a.width)):
+        if value <= 0 or value % 8:
+            raise SdtrtError(f"{flag} {value} is not a positive multiple of 8 (the VAE works in 8-pixel blocks).",
+                             f"pass {flag} {max(8, value // 8 * 8)} or another positive multiple of 8")
+    if not math.isfinite(a.guidance_scale):
+        raise SdtrtError(f"--guidance-scale {a.guidance_scale} is not a finite number.", "pass --guidance-scale 7.5 or another finite number")
+    if math.isnan(a.min_psnr):
+        raise SdtrtError("--min-psnr nan compares false with everything, so it would pass any image.", "pass --min-psnr 40 (dB) or another number")
+    try:
+        max_reg = parse_percent(a.max_regression)
+    except ValueError:
+        raise SdtrtError(f"--max-regression {a.max_regression!r} is not a non-negative finite fraction or percentage.",
+                         "pass --max-regression 5% (or 0.05)") from None
+    try:
+        resolve(a.scheduler)
+    except SdtrtError as e:
+        raise SdtrtError(f"--scheduler: {e.problem}", f"pass --scheduler with {(e.fix or '').removeprefix('choose ')}") from None
+    prompts = a.prompt or ["a watercolor painting of a fox in a snowy forest, highly detailed"] * a.batch
+    if len(prompts) != a.batch:
+        raise SdtrtError(f"{len(prompts)} --prompt for --batch {a.batch}.", "give one --prompt per image, or none")
+    check_output_path(a.out, "--out")
+    plot = a.plot or a.out.with_suffix(".png")
+    check_output_path(plot, "--plot")
+    if plot.absolute() == a.out.absolute():
+        raise SdtrtError(f"the chart and the results JSON would both be written to {a.out}.", "pass --out FILE.json, or --plot FILE.png")
+    baseline = load_results(a.compare, "--compare") if a.compare else None
+    return Checked(wanted, prompts, max_reg, baseline, plot)
+
+
+def _presets():
+    from sdtrt.models import presets
+
+    return presets
+
+
 def _work_dir(a: argparse.Namespace) -> Path:
-    from sdtrt.default_model import cache_dir
+    from sdtrt.files import cache_dir
 
     return a.work_dir or cache_dir() / "bench"
 
 
-def _model_dir(a: argparse.Namespace, work: Path, log) -> tuple[Path, str]:
-    from sdtrt.errors import SdtrtError
-    from sdtrt.presets import make_model
+def _model(a: argparse.Namespace, work: Path, log) -> Model:
+    from sdtrt import __version__
+    from sdtrt.export.source import inspect_source, weights_sha256
 
-    if a.model_dir and a.preset:
-        raise SdtrtError("both a model folder and --preset were given.", "pass one of them")
     if a.model_dir:
-        return a.model_dir, a.model_dir.name
-    if not a.preset:
-        raise SdtrtError("no model to benchmark.", "pass a diffusers folder or --preset sd15 (or tiny)")
-    target = work / a.preset / "model"
-    if not (target / "model_index.json").is_file():
-        log(f"making the {a.preset} preset in {target} (once)")
-        make_model(a.preset, target, force=True)
-    return target, a.preset
+        path, name = a.model_dir, a.model_dir.name
+    else:
+        path, name = work / "presets" / f"{a.preset}-sdtrt{__version__}-seed{PRESET_SEED}", a.preset
+        if not (path / "model_index.json").is_file():  # make_model writes all or nothing
+            log(f"making the {a.preset} preset in {path} (once)")
+            _presets().make_model(a.preset, path, seed=PRESET_SEED, force=True)
+    src = inspect_source(path)
+    t = time.perf_counter()
+    sha = weights_sha256(src.weight_files, path)
+    log(f"{name}: weights sha256 {sha[:16]} ({time.perf_counter() - t:.1f} s to hash); cached work in {work / sha[:16]}")
+    return Model(path, name, sha)
 
 
-def _sdtrt_onnx(model_dir: Path, work: Path, name: str, a: argparse.Namespace, dtype: str, log) -> Path:
+def _reusable(target: Path, model: Model) -> tuple[Any, str | None]:
+    """(the directory, None) if `target` holds sdtrt work made from these weights, else (None, why not).
+    Its metadata is checked, not its name: a folder copied or left from other weights is made again."""
+    from sdtrt.artifacts import open_model_dir
+    from sdtrt.errors import SdtrtError
+
+    if not target.exists():
+        return None, "once"
+    try:
+        found = open_model_dir(target)
+    except SdtrtError as e:
+        return None, f"again: {e.problem}"
+    if found.meta.source.sha256 != model.sha256:
+        return None, f"again: it was exported from other weights (sha256 {found.meta.source.sha256[:16]})"
+    return found, None
+
+
+def _onnx_stale(target: Path, model: Model, dtype: str, size: list[int]) -> str | None:
+    """Why the ONNX dir at `target` cannot be reused for this model (None: it can)."""
+    found, why = _reusable(target, model)
+    if found is not None and (found.meta.dtype, found.meta.default_size) != (dtype, size):
+        return "again: it was exported with other options"
+    return why
+
+
+def _sdtrt_onnx(model: Model, work: Path, a: argparse.Namespace, dtype: str, log) -> Path:
     from sdtrt.export import export_model
 
-    target = work / name / f"onnx-{dtype}"
-    if not (target / "sdtrt.json").is_file():
-        log(f"exporting {name} to {target} ({dtype}, once)")
-        export_model(model_dir, target, dtype=dtype, height=a.height, width=a.width, force=True, log=log)
+    # the export validates at (and records as its default) --height x --width, so the size is part of the key
+    target = model.cache(work) / f"onnx-{dtype}-{a.height}x{a.width}"
+    why = _onnx_stale(target, model, dtype, [a.height, a.width])
+    if why:
+        log(f"exporting {model.name} to {target} ({dtype}, {why})")
+        export_model(model.path, target, dtype=dtype, height=a.height, width=a.width, force=True, log=log)
     return target
 
 
-def build_systems(a: argparse.Namespace, model_dir: Path, name: str, work: Path, device, log) -> tuple[list[System], dict[str, Any]]:
+def _version(*dists: str) -> str:
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return "unknown"
+
+
+def build_systems(a: argparse.Namespace, checked: Checked, model: Model, work: Path, device, log) -> tuple[list[System], dict[str, Any]]:
     import psutil
 
-    from sdtrt.errors import SdtrtError
-
-    wanted = [s.strip() for s in a.systems.split(",") if s.strip()]
-    unknown = sorted(set(wanted) - set(ALL_SYSTEMS))
-    if unknown:
-        raise SdtrtError(f"unknown system(s) {', '.join(unknown)}.", f"choose from {', '.join(ALL_SYSTEMS)}")
-    if "diffusers" not in wanted:
-        wanted.insert(0, "diffusers")  # the reference every ratio and image is measured against
     proc = psutil.Process()
     systems: list[System] = []
     load: dict[str, Any] = {}
@@ -97,46 +213,51 @@ def build_systems(a: argparse.Namespace, model_dir: Path, name: str, work: Path,
             systems.append(s)
             load[s.name] = {"load_seconds": round(time.perf_counter() - t, 2), "rss_load_delta_mb": round((proc.memory_info().rss - before) / 2**20, 1)}
 
-    for system in wanted:
+    for system in checked.systems:
         if system == "diffusers":
-            add(lambda: DiffusersSystem(model_dir, device))
+            add(lambda: DiffusersSystem(model.path, device))
         elif system == "diffusers-compile":
-            add(lambda: DiffusersSystem(model_dir, device, compile_unet=True))
+            add(lambda: DiffusersSystem(model.path, device, compile_unet=True))
         elif system == "optimum":
             if importlib.util.find_spec("optimum") is None:
                 log("optimum-onnx is not installed: skipping it (pip install 'sdtrt[bench]')")
                 continue
-            add(lambda: OptimumSystem(model_dir, device, work / name / "optimum-onnx", a.threads))
+            cache = model.cache(work) / f"optimum-onnx-{_version('optimum-onnx', 'optimum')}"
+            add(lambda: OptimumSystem(model.path, device, cache, model.sha256, a.threads, log=log))
         elif system == "sdtrt":
-            onnx32 = _sdtrt_onnx(model_dir, work, name, a, "fp32", log)
+            onnx32 = _sdtrt_onnx(model, work, a, "fp32", log)
             if device.type == "cpu":
                 add(lambda: SdtrtSystem(onnx32, "onnxruntime", device, threads=a.threads))
             else:
                 import onnxruntime
 
                 if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-                    add(lambda: SdtrtSystem(_sdtrt_onnx(model_dir, work, name, a, "fp16", log), "onnxruntime", device,
+                    add(lambda: SdtrtSystem(_sdtrt_onnx(model, work, a, "fp16", log), "onnxruntime", device,
                                             name="sdtrt-onnxruntime-cuda", device=device))
                 else:
                     log("onnxruntime has no CUDA provider here: skipping sdtrt on ONNX Runtime CUDA (pip install 'sdtrt[onnxruntime-gpu]')")
-                engines = _engines(model_dir, work, name, a, log)
+                engines = _engines(model, work, a, log)
                 if engines is not None:
                     add(lambda: SdtrtSystem(engines, "tensorrt", device, device=device))
     return systems, load
 
 
-def _engines(model_dir: Path, work: Path, name: str, a: argparse.Namespace, log) -> Path | None:
+def _engines(model: Model, work: Path, a: argparse.Namespace, log) -> Path | None:
     from sdtrt.engines.build import build_engines
-    from sdtrt.engines.toolkit import RTX_TARGETS, local_gpu_target
+    from sdtrt.engines.toolkit import RTX_TARGETS, load_toolkit, local_gpu_target
 
+    gpu = local_gpu_target()
     library = "tensorrt" if importlib.util.find_spec("tensorrt") else (
-        "tensorrt-rtx" if importlib.util.find_spec("tensorrt_rtx") and local_gpu_target() in RTX_TARGETS else None)
+        "tensorrt-rtx" if importlib.util.find_spec("tensorrt_rtx") and gpu in RTX_TARGETS else None)
     if library is None:
         log("no TensorRT library can build for this GPU here: skipping sdtrt on TensorRT")
         return None
-    target = work / name / f"engines-{library}-{a.height}x{a.width}-b{a.batch}"
-    if not (target / "engines.json").is_file():
-        build_engines(_sdtrt_onnx(model_dir, work, name, a, "fp16", log), target, backend=library, batch=str(a.batch),
+    # an engine is for one library version and GPU, and its profile is fixed by the flags
+    target = model.cache(work) / f"engines-{library}-{load_toolkit(library).version}-{gpu}-{a.height}x{a.width}-b{a.batch}"
+    found, why = _reusable(target, model)
+    if found is None or found.kind != "engines":
+        log(f"building {library} engines in {target} ({why or 'again: it holds no engines'})")
+        build_engines(_sdtrt_onnx(model, work, a, "fp16", log), target, backend=library, batch=str(a.batch),
                       height=str(a.height), width=str(a.width), force=True, log=log)
     return target
 
@@ -146,36 +267,32 @@ def run(a: argparse.Namespace, log=print) -> int:
 
     from sdtrt.errors import SdtrtError
 
+    checked = check_args(a)  # before anything is made, loaded or exported
     device = torch.device("cuda" if (a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())) else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SdtrtError("--device cuda but no GPU is visible.", "use --device cpu")
-    max_reg = parse_percent(a.max_regression)
     work = _work_dir(a)
-    model_dir, name = _model_dir(a, work, log)
-    prompts = a.prompt or ["a watercolor painting of a fox in a snowy forest, highly detailed"] * a.batch
-    if len(prompts) != a.batch:
-        raise SdtrtError(f"{len(prompts)} prompts for --batch {a.batch}.", "give one --prompt per image, or none")
+    model = _model(a, work, log)
+    prompts = checked.prompts
     request = Request(prompts, [a.negative_prompt] * len(prompts), a.steps, a.guidance_scale, a.height, a.width, a.scheduler, a.seed)
-    systems, load = build_systems(a, model_dir, name, work, device, log)
+    systems, load = build_systems(a, checked, model, work, device, log)
     measured = measure(systems, request, a.warmup, a.repeats, overhead=not a.no_overhead, log=log)
     report = image_check(measured["images"], a.min_psnr)
     config = {**{k: v for k, v in vars(request).items() if k not in ("prompts", "negative_prompts")}, "prompts": prompts,
               "negative_prompt": a.negative_prompt, "batch": a.batch, "warmup": a.warmup, "repeats": a.repeats,
-              "threads": a.threads, "device": str(device), "model_dir": str(model_dir), "model_name": name,
-              "systems": [s.name for s in systems]}
+              "threads": a.threads, "device": str(device), "model_dir": str(model.path), "model_name": model.name,
+              "weights_sha256": model.sha256, "systems": [s.name for s in systems]}
     doc = results_document(measured, config, report, load)
     write_json(doc, a.out)
     log(f"wrote {a.out}")
-    from .plot import plot
-
-    log(f"wrote {plot(doc, a.plot or a.out.with_suffix('.png'))}")
+    log(f"wrote {write_chart(doc, checked.plot)}")
     log(table(doc))
     status = 0
     if not report["ok"]:
         log("IMAGES DIFFER: " + "; ".join(report["failures"]))
         status = 3
-    if a.compare:
-        found = regressions(doc, json.loads(a.compare.read_text()), max_reg)
+    if checked.baseline is not None:
+        found = regressions(doc, checked.baseline, checked.max_regression)
         if found:
             log("REGRESSION: " + "; ".join(found))
             status = status or 4

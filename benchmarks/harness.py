@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -186,10 +187,67 @@ def results_document(measured: dict[str, Any], config: dict[str, Any], image_rep
 
 
 def write_json(doc: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    """All or nothing (a temporary beside `path`, then a rename), with the mode a plain open() gives."""
+    from sdtrt.files import write_text
+
+    write_text(path, json.dumps(doc, indent=2) + "\n")
+
+
+def write_chart(doc: dict[str, Any], path: Path) -> Path:
+    """The per-stage chart, written like write_json: all or nothing."""
+    from sdtrt.files import atomic_file
+
+    from .plot import plot
+
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        drawn = tmp.with_name(tmp.name + path.suffix)  # matplotlib picks the image format from the suffix
+        try:
+            plot(doc, drawn)
+            os.replace(drawn, tmp)
+        finally:
+            drawn.unlink(missing_ok=True)
+    return path
+
+
+def check_output_path(path: Path, flag: str) -> None:
+    """Refuse an output file that could not be written, before any work is done."""
+    from sdtrt.errors import SdtrtError
+    from sdtrt.files import check_can_write
+
+    if Path(path).is_dir():
+        raise SdtrtError(f"{flag} {path} is a folder.", f"pass a file path to {flag}, e.g. {flag} {Path(path) / 'bench.json'}")
+    check_can_write(path, flag)
+
+
+def load_results(path: Path, flag: str) -> dict[str, Any]:
+    """Read an earlier results JSON (for --compare), refusing anything that is not one, before any work is done."""
+    from sdtrt.errors import SdtrtError
+
+    path = Path(path)
+    fix = f"pass an existing results JSON to {flag} (write one with `sdtrt bench ... --out FILE`)"
+    if not path.is_file():
+        raise SdtrtError(f"{flag} {path} " + ("is a directory." if path.is_dir() else "does not exist."), fix)
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise SdtrtError(f"{flag} {path} cannot be read ({e.strerror}).", fix) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SdtrtError(f"{flag} {path} is not valid JSON ({e}).", fix) from None
+    schema = doc.get("schema") if isinstance(doc, dict) else None
+    if schema != SCHEMA:
+        raise SdtrtError(f"{flag} {path} is not a benchmark result (schema {schema!r}, expected {SCHEMA!r}).", fix)
+    systems = doc.get("systems")
+    broken = [name for name, entry in systems.items() if not _has_medians(entry)] if isinstance(systems, dict) else ["systems"]
+    if broken:
+        raise SdtrtError(f"{flag} {path} lacks per-stage medians for {', '.join(broken)}.", fix)
+    return doc
+
+
+def _has_medians(entry: Any) -> bool:
+    summary = entry.get("summary") if isinstance(entry, dict) else None
+    return isinstance(summary, dict) and all(
+        isinstance(summary.get(k), dict) and isinstance(summary[k].get("median"), (int, float)) for k in STAGES)
 
 
 def regressions(current: dict[str, Any], baseline: dict[str, Any], max_regression: float) -> list[str]:
@@ -208,8 +266,9 @@ def regressions(current: dict[str, Any], baseline: dict[str, Any], max_regressio
 
 
 def parse_percent(text: str) -> float:
+    """'5%' or '0.05' -> 0.05; ValueError for anything else, negative or not finite."""
     text = str(text).strip()
     value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    if value < 0:
+    if not math.isfinite(value) or value < 0:
         raise ValueError(text)
     return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -184,7 +185,9 @@ class DiffusersSystem(_DiffusersPipelineSystem):
 class OptimumSystem(_DiffusersPipelineSystem):
     """Optimum's ONNX Runtime Stable Diffusion pipeline, exporting its own ONNX from the same folder."""
 
-    def __init__(self, model_dir: Path, device: torch.device, cache: Path, threads: int = 0):
+    SOURCE = "sdtrt-bench-source.json"  # written into the export: the weights it came from
+
+    def __init__(self, model_dir: Path, device: torch.device, cache: Path, weights_sha256: str, threads: int = 0, log=print):
         import onnxruntime as ort
         from optimum.onnxruntime import ORTStableDiffusionPipeline
 
@@ -193,12 +196,25 @@ class OptimumSystem(_DiffusersPipelineSystem):
         provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        if not (cache / "model_index.json").exists():
-            ORTStableDiffusionPipeline.from_pretrained(str(model_dir), export=True).save_pretrained(str(cache))
+        if self.exported_from(cache) != weights_sha256:
+            from sdtrt.files import atomic_dir
+
+            log(f"exporting with Optimum to {cache} (once)")
+            with atomic_dir(cache, force=True) as tmp:  # all or nothing: a killed export is never reused
+                ORTStableDiffusionPipeline.from_pretrained(str(model_dir), export=True).save_pretrained(str(tmp))
+                (tmp / self.SOURCE).write_text(json.dumps({"path": str(Path(model_dir).absolute()), "sha256": weights_sha256}) + "\n")
         self.pipe = ORTStableDiffusionPipeline.from_pretrained(str(cache), provider=provider, session_options=options)
         self.pipe.set_progress_bar_config(disable=True)
         p = self.pipe
         self._instrument(p.text_encoder, p.unet, p.vae_decoder, "forward")
+
+    @classmethod
+    def exported_from(cls, cache: Path) -> str | None:
+        """The weights hash an earlier export in `cache` was made from (None: no complete export there)."""
+        try:
+            return json.loads((cache / cls.SOURCE).read_text())["sha256"] if (cache / "model_index.json").is_file() else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     @contextlib.contextmanager
     def _noop_engine(self):
@@ -238,15 +254,26 @@ class SdtrtSystem(System):
         return Sample(t["total"], t["text_encoder"], t["unet"] / t["unet_calls"], int(t["unet_calls"]), t["vae_decoder"], _uint8(res.images[0]))
 
     def step_overhead(self, r: Request) -> float:
-        """The engine call becomes a no-op; everything sdtrt does around it (binding, outputs) still runs."""
+        """The engine call becomes a no-op; everything sdtrt does around it (binding, outputs, its NaN
+        check) still runs. The outputs the engine no longer writes are zeroed (one small fill per call),
+        since uninitialized memory may hold NaN and the pipeline refuses NaN."""
         backend = self.pipe.backend
         if not hasattr(backend, "_execute"):
             return None
+        real_run = backend.run
+
+        def run(component, feeds):
+            outputs = real_run(component, feeds)
+            for out in outputs.values():
+                out.zero_()
+            return outputs
+
         backend._execute = lambda *a, **k: None
+        backend.run = run
         try:
             res = self._call(dataclasses.replace(r, steps=max(r.steps, OVERHEAD_STEPS)))
         finally:
-            del backend._execute
+            del backend._execute, backend.run
         import statistics
 
         return statistics.median(res.timings["step_seconds"])

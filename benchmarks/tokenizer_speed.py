@@ -29,8 +29,8 @@ def _best(fn, rounds: int = 20, per_round: int = 200) -> float:
 def main(argv: list[str]) -> int:
     from transformers import CLIPTokenizer as Reference
 
-    from sdtrt.presets import write_tokenizer
-    from sdtrt.runtime.tokenizer import CLIPTokenizer
+    from sdtrt.models.presets import write_tokenizer
+    from sdtrt.runtime.text.tokenizer import CLIPTokenizer
 
     folder = Path(argv[0]) if argv else Path(tempfile.mkdtemp()) / "tokenizer"
     if not argv:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
 
-__all__ = ["Pipeline", "__version__"]
+# diffusers warns on every import that optimum-onnx and optimum both provide "optimum" (true, harmless).
+logging.getLogger("diffusers.utils.import_utils").setLevel(logging.ERROR)
+
+__all__ = ["Pipeline", "Request", "__version__"]
 
 
 def __getattr__(name: str):
@@ -13,4 +18,8 @@ def __getattr__(name: str):
         from .runtime.pipeline import Pipeline
 
         return Pipeline
+    if name == "Request":
+        from .runtime.request import Request
+
+        return Request
     raise AttributeError(name)

@@ -1,9 +1,14 @@
-"""The `sdtrt` command. Each subcommand parses its flags here and calls one library function."""
+"""The `sdtrt` command. Each subcommand parses its flags here and calls one library function.
+
+Errors: one `sdtrt: error: ... Fix: ...` line on stderr naming the flag or command that fixes it,
+exit code 2; no traceback. Ctrl-C exits 130 and SIGTERM 143, leaving nothing half-written. Every
+output is checked (exists? writable?) before any model is loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -24,6 +29,108 @@ Start here (tiny random-weight model, CPU, a minute):
   sdtrt generate "a watercolor fox" --model out/onnx --seed 42 --out fox.png
 """
 
+MAX_SEED = 2**64 - 1
+
+
+# --- value types: argparse reports "argument --flag: <message>" -------------------------------------
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return v
+
+
+def seed(text: str) -> int:
+    v = _int(text)
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0..{MAX_SEED} (2^64 - 1)")
+    return v
+
+
+def pixels(text: str) -> int:
+    v = _int(text)
+    if v <= 0 or v % 8:
+        from .models.spec import nearest_sizes
+
+        raise argparse.ArgumentTypeError(f"{text} is not a positive multiple of 8 (try {nearest_sizes(max(v, 8))})")
+    return v
+
+
+def finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return v
+
+
+def nonnegative(text: str) -> float:
+    v = finite(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return v
+
+
+def unit_interval(text: str) -> float:
+    v = finite(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
+    return v
+
+
+def strength(text: str) -> float:
+    v = finite(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, 1]")
+    return v
+
+
+def quality(text: str) -> int:
+    v = _int(text)
+    if not 1 <= v <= 100:
+        raise argparse.ArgumentTypeError(f"{text} is outside 1-100")
+    return v
+
+
+def readable_file(text: str) -> Path:
+    p = Path(text)
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a file" if p.exists() else f"{text} does not exist")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text} cannot be read ({e.strerror})") from None
+    return p
+
+
+# --- the parser ------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one `sdtrt: error:` line that points at the help."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"sdtrt: error: {message}. Fix: see `{self.prog} --help`\n")
+
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps hand-wrapped descriptions and shows defaults that carry information."""
@@ -42,49 +149,49 @@ def _add(sub, name: str, help: str, description: str, examples: str) -> argparse
 
 
 def _make_model_parser(sub) -> None:
-    from .presets import PRESETS
+    from .models.presets import PRESETS
 
     p = _add(sub, "make-model", "write a diffusers model folder with random weights from a preset",
              """\
-             Write a diffusers-format Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/,
-             tokenizer/, scheduler/) with the preset's architecture, seeded random weights in safetensors and
-             the real CLIP tokenizer vocabulary. diffusers' StableDiffusionPipeline.from_pretrained loads it.
+             Write a diffusers-format model folder (model_index.json and one folder per component) with the
+             preset's architecture, seeded random weights in safetensors and the real CLIP tokenizer
+             vocabulary. diffusers' pipeline class for the preset loads it with from_pretrained.
 
              presets:
-             """ + "\n".join(f"  {n:<13} {p.description}" for n, p in PRESETS.items()),
+             """ + "\n".join(f"  {n:<18} {p.description}" for n, p in PRESETS.items()),
              """\
              sdtrt make-model --preset tiny --out out/tiny
              sdtrt make-model --preset sd15 --out models/sd15 --seed 1
              """)
     p.add_argument("--preset", required=True, choices=list(PRESETS), help="architecture to build")
     p.add_argument("--out", required=True, type=Path, help="folder to write (must not exist, unless --force)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    p.add_argument("--seed", type=seed, default=0, help="seed for the random weights, 0..2^64-1")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=_run_make_model)
 
 
 def _run_make_model(a: argparse.Namespace) -> None:
-    from .presets import make_model
+    from .models.presets import make_model
 
     out = make_model(a.preset, a.out, seed=a.seed, force=a.force)
     print(f"wrote {a.preset} model to {out}")
 
 
 def _export_parser(sub) -> None:
-    from .components import COMPONENTS, DEFAULT_COMPONENTS
     from .export.graph import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, MAX_OPSET, MIN_OPSET
 
     p = _add(sub, "export", "export a diffusers folder to validated ONNX",
-             f"""\
-             Export the text encoder, UNet (classifier-free guidance batched: [uncond; cond] in one call)
-             and VAE of a diffusers Stable Diffusion 1.x/2.x folder to ONNX, clean the graphs (constant
-             folding, shape inference, toposort) and validate every file in ONNX Runtime against its torch
-             module. A mismatch fails the export and leaves nothing behind. Artifacts are written to a
-             temporary folder and renamed at the end, so an interrupted export never looks complete.
+             """\
+             Export the text encoder(s), UNet (classifier-free guidance batched: [uncond; cond] in one
+             call) and VAE of a diffusers folder to ONNX, clean the graphs (constant folding, shape
+             inference, toposort) and validate every file in ONNX Runtime against its torch module. A
+             mismatch fails the export and leaves nothing behind. Artifacts are written to a temporary
+             folder and renamed at the end, so an interrupted export never looks complete.
 
-             The ONNX contract (names, dtypes, dynamic axes) is in the README. fp16 applies to the text
-             encoder and UNet; the VAE stays fp32 (fp16 VAEs overflow) unless --fp16-vae.
-             Components: {', '.join(COMPONENTS)}.
+             The ONNX contract (names, dtypes, dynamic axes) is in the README. --dtype fp16 applies to the
+             text encoders and UNet; the VAE stays fp32 (fp16 VAEs overflow) unless --fp16-vae.
+             Components (default: what txt2img needs): text_encoder (SDXL: and text_encoder_2), unet,
+             vae_decoder; add vae_encoder for img2img and inpainting.
              """,
              """\
              sdtrt export out/tiny --out out/onnx
@@ -93,27 +200,30 @@ def _export_parser(sub) -> None:
              """)
     p.add_argument("model_dir", type=Path, help="diffusers folder (holds model_index.json)")
     p.add_argument("--out", required=True, type=Path, help="ONNX folder to write")
-    p.add_argument("--components", default=",".join(DEFAULT_COMPONENTS),
-                   help="comma-separated components; add vae_encoder for img2img/inpainting")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision of text encoder and UNet")
+    p.add_argument("--components", help="comma-separated components (default: the family's txt2img set); add vae_encoder for img2img/inpainting")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="precision of text encoders and UNet")
     p.add_argument("--fp16-vae", action="store_true", help="export the VAE in fp16 too (may overflow: validation checks)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({MIN_OPSET}-{MAX_OPSET})")
-    p.add_argument("--height", type=int, help="image height used for validation inputs (default: the model's native size)")
-    p.add_argument("--width", type=int, help="image width used for validation inputs (default: the model's native size)")
+    p.add_argument("--opset", type=_int, default=DEFAULT_OPSET, help=f"ONNX opset ({MIN_OPSET}-{MAX_OPSET})")
+    p.add_argument("--height", type=pixels, help="image height used for validation inputs (default: the model's native size)")
+    p.add_argument("--width", type=pixels, help="image width used for validation inputs (default: the model's native size)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check (not recommended)")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin/.ckpt pickle weights (can run code: only for files you trust)")
-    p.add_argument("--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD, metavar="BYTES",
+    p.add_argument("--external-data-threshold", type=nonnegative_int, default=EXTERNAL_DATA_THRESHOLD, metavar="BYTES",
                    help="store weights beside model.onnx (model.onnx.data) above this size; ONNX cannot hold more than 2 GiB")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_export)
+
+
+def _components(text: str | None) -> list[str] | None:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
 def _run_export(a: argparse.Namespace) -> None:
     from .export import export_model
 
     out = export_model(
-        a.model_dir, a.out, components=[c.strip() for c in a.components.split(",") if c.strip()], dtype=a.dtype,
+        a.model_dir, a.out, components=_components(a.components), dtype=a.dtype,
         opset=a.opset, force=a.force, validate_outputs=not a.no_validate, height=a.height, width=a.width,
         fp16_vae=a.fp16_vae, allow_pickle=a.allow_pickle, external_data_threshold=a.external_data_threshold,
         show_progress=not a.no_progress,
@@ -121,18 +231,29 @@ def _run_export(a: argparse.Namespace) -> None:
     print(f"wrote ONNX to {out}")
 
 
+# generate flags <-> Request fields, for errors raised by the runtime in Python terms
+_FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "num_images_per_prompt": "--num-images",
+          "steps": "--steps", "guidance_scale": "--guidance-scale", "guidance_rescale": "--guidance-rescale",
+          "scheduler_options": "--scheduler-option", "seed": "--seed", "height": "--height", "width": "--width",
+          "clip_skip": "--clip-skip", "image": "--image", "mask_image": "--mask", "strength": "--strength",
+          "prompt_syntax": "--prompt-syntax"}
+
+
 def _generate_parser(sub) -> None:
     from .runtime.schedulers import SCHEDULERS
 
     p = _add(sub, "generate", "make images from a prompt with an ONNX or engine directory",
              """\
-             Text to image with the lean runtime. --model takes an ONNX directory (runs on ONNX Runtime)
-             or an engine directory (runs on TensorRT); without --model, a tiny random-weight demo model is
-             made and exported once into ~/.cache/sdtrt (or $SDTRT_CACHE).
+             Text to image (and img2img / inpainting) with the lean runtime. --model takes an ONNX
+             directory (runs on ONNX Runtime) or an engine directory (runs on TensorRT); without --model,
+             a tiny random-weight demo model is made and exported once into ~/.cache/sdtrt (or
+             $SDTRT_CACHE).
 
-             PNGs carry an A1111-style "parameters" text chunk (prompt, negative prompt, steps, sampler,
-             CFG scale, seed, size, model hash), so other tools can read back how an image was made.
-             Same model + settings + seed gives the image diffusers' StableDiffusionPipeline gives.
+             Images carry A1111's "parameters" text (PNG text chunk; EXIF for JPEG/WebP): prompt, negative
+             prompt, steps, sampler, CFG scale, seed, size, model hash, so other tools read back how an
+             image was made. Same model + settings + seed gives the image diffusers' pipeline gives.
+             Existing files are never replaced without --force; a folder gets numbered files after the
+             ones already there.
              """,
              """\
              sdtrt generate "a watercolor fox" --out fox.png
@@ -140,33 +261,36 @@ def _generate_parser(sub) -> None:
              sdtrt generate "a cat" "a dog" --negative-prompt blurry --num-images 2 --out out/images/
              sdtrt generate "a fox, oil painting" --model out/onnx-with-encoder --image photo.png --strength 0.6
              sdtrt generate "a red hat" --model out/inpaint-onnx --image photo.png --mask mask.png
-             sdtrt generate "a (red:1.3) fox, [blurry], ...long prompt..." --prompt-syntax a1111
+             sdtrt generate "a (red:1.3) fox, [blurry], ...long prompt..." --prompt-syntax a1111 --out fox.webp
              """)
     p.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
     p.add_argument("--model", type=Path, help="ONNX dir (sdtrt export) or engine dir (sdtrt build); default: the tiny demo model")
     p.add_argument("--negative-prompt", action="append", help="negative prompt; give once for all prompts or once per prompt")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
-    p.add_argument("--guidance-scale", "--cfg", type=float, default=7.5, help="classifier-free guidance; <= 1 turns it off (half the UNet work)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="rescale guided noise toward the conditional std (0.7 for zero-SNR models)")
+    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
+    p.add_argument("--guidance-scale", "--cfg", type=nonnegative, default=7.5, help="classifier-free guidance; <= 1 turns it off (half the UNet work)")
+    p.add_argument("--guidance-rescale", type=unit_interval, default=0.0, help="rescale guided noise toward the conditional std (0.7 for zero-SNR models)")
     p.add_argument("--scheduler", "--sampler", help=f"sampler (default: the model's own). One of {', '.join(SCHEDULERS)}, "
                                                     "or a diffusers class / A1111 name such as 'DPM++ 2M Karras'")
     p.add_argument("--scheduler-option", action="append", default=[], metavar="KEY=VALUE",
                    help="scheduler config override, e.g. timestep_spacing=trailing (repeatable)")
-    p.add_argument("--seed", type=int, help="random seed (default: a random one, printed and stored in the PNG)")
-    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's native size)")
-    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's native size)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--clip-skip", type=int, help="use the text encoder's hidden states this many layers before the last")
-    p.add_argument("--image", help="img2img / inpainting: the starting image (PNG, JPEG)")
-    p.add_argument("--mask", help="inpainting: white = repaint, black = keep (same size as --image)")
-    p.add_argument("--strength", type=float, help="how much of the image to repaint, (0, 1] (default 0.8 img2img, 1.0 inpainting)")
+    p.add_argument("--seed", type=seed, help="random seed, 0..2^64-1 (default: a random one, printed and stored in the image)")
+    p.add_argument("--height", type=pixels, help="image height, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--width", type=pixels, help="image width, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--clip-skip", type=positive_int, help="use the text encoder's hidden states this many layers before the last (diffusers' numbering)")
+    p.add_argument("--image", type=readable_file, help="img2img / inpainting: the starting image (PNG, JPEG)")
+    p.add_argument("--mask", type=readable_file, help="inpainting: white = repaint, black = keep (same size as --image)")
+    p.add_argument("--strength", type=strength, help="how much of the image to repaint, (0, 1] (default 0.8 img2img, 1.0 inpainting)")
     p.add_argument("--resize", action="store_true", help="resize --image/--mask to a multiple of 8 (or to --height/--width) instead of refusing")
     p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",
                    help="plain: diffusers' behaviour (77 tokens, brackets are text); a1111: (word:1.3) weights and long prompts")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="auto: by directory kind")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
-    p.add_argument("--out", default="image.png", help="PNG path, or a directory (ending in /) for several images")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.add_argument("--out", default="outputs/", help="image path (.png, .jpg, .webp), or a folder ending in / for numbered images")
+    p.add_argument("--format", choices=["png", "jpg", "webp"], help="file format for a folder --out (default png; a file's suffix decides otherwise)")
+    p.add_argument("--quality", type=quality, default=95, help="JPEG/WebP quality 1-100")
+    p.add_argument("--force", action="store_true", help="replace existing image files named by --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_generate)
 
@@ -177,42 +301,42 @@ def _parse_options(items: list[str]) -> dict:
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise SdtrtError(f"--scheduler-option {item!r} is not KEY=VALUE.", "write e.g. --scheduler-option timestep_spacing=trailing")
         try:
-            options[key.strip()] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            options[key.strip()] = value
+            parsed = value
+        if isinstance(parsed, float) and not math.isfinite(parsed):
+            raise SdtrtError(f"--scheduler-option {item!r} is not finite.", "pass a finite number")
+        options[key.strip()] = parsed
     return options
-
-
-def _output_paths(out: Path, n: int, trailing_slash: bool) -> list[Path]:
-    if trailing_slash or out.is_dir():
-        return [out / f"image-{i}.png" for i in range(n)]
-    if n == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(n)]
 
 
 def _run_generate(a: argparse.Namespace) -> None:
     from .default_model import default_onnx_dir
-    from .runtime.images import a1111_parameters, save_png
+    from .outputs import a1111_parameters, plan
     from .runtime.pipeline import Pipeline
+    from .runtime.request import Request
 
+    negative = a.negative_prompt[0] if a.negative_prompt and len(a.negative_prompt) == 1 else a.negative_prompt
+    request = Request(a.prompt, negative, num_images_per_prompt=a.num_images, steps=a.steps, guidance_scale=a.guidance_scale,
+                      guidance_rescale=a.guidance_rescale, scheduler=a.scheduler, scheduler_options=_parse_options(a.scheduler_option),
+                      seed=a.seed, height=a.height, width=a.width, clip_skip=a.clip_skip, image=a.image, mask_image=a.mask,
+                      strength=a.strength, resize=a.resize, prompt_syntax=a.prompt_syntax).check()
+    if a.scheduler:
+        from .runtime.schedulers import resolve
+
+        resolve(a.scheduler)
+    # everything about the outputs is decided and checked before any model is made or loaded
+    outputs = plan(a.out, request.batch, a.force, a.format)
     model = a.model or default_onnx_dir(log=lambda m: print(m, file=sys.stderr))
     options = {"threads": a.threads} if a.backend != "tensorrt" and a.threads else {}
     if a.device:
         options["device"] = a.device
     pipe = Pipeline.load(model, backend=a.backend, **options)
-    negative = a.negative_prompt[0] if a.negative_prompt and len(a.negative_prompt) == 1 else a.negative_prompt
-    result = pipe(a.prompt, negative_prompt=negative, num_images_per_prompt=a.num_images, steps=a.steps,
-                  guidance_scale=a.guidance_scale, guidance_rescale=a.guidance_rescale, scheduler=a.scheduler,
-                  scheduler_options=_parse_options(a.scheduler_option), seed=a.seed, height=a.height, width=a.width,
-                  clip_skip=a.clip_skip, image=a.image, mask_image=a.mask, strength=a.strength, resize=a.resize,
-                  prompt_syntax=a.prompt_syntax, progress=not a.no_progress)
-    paths = _output_paths(Path(a.out), len(result.images), a.out.endswith(("/", os.sep)))
-    for image, params, path in zip(result.images, result.parameters, paths):
-        save_png(image, path, a1111_parameters(params))
+    result = pipe.run(request, progress=not a.no_progress)
+    for path in outputs.write(result.images, [a1111_parameters(p) for p in result.parameters], a.quality):
         print(f"wrote {path}")
     t = result.timings
     print(f"seed {result.seed}; text encoder {t['text_encoder']:.3f}s, denoise {t['denoise']:.3f}s "
@@ -233,6 +357,7 @@ def _build_parser(sub) -> None:
              on any machine, GPU or not. --backend tensorrt builds for the local GPU (needs one, and the
              tensorrt package). Identical inputs and flags reuse cached engines instead of rebuilding.
              engines.json records versions, targets, profiles and hashes; `sdtrt inspect` shows it.
+             Each engine builds in a worker process, so Ctrl-C stops a build at once.
              """,
              """\
              sdtrt build out/onnx --out out/engines --target sm86,sm89
@@ -247,12 +372,12 @@ def _build_parser(sub) -> None:
     p.add_argument("--width", help="pixels, MIN:OPT:MAX or one value, multiples of 8 (default: the model's native size, static)")
     p.add_argument("--target", help="compute capabilities for tensorrt-rtx, comma-separated (default: the local GPU; required without one)")
     p.add_argument("--components", help="comma-separated subset (default: every component in the ONNX directory)")
-    p.add_argument("--max-prompt-chunks", type=int, default=1, metavar="N",
+    p.add_argument("--max-prompt-chunks", type=positive_int, default=1, metavar="N",
                    help="long prompts (--prompt-syntax a1111): let the UNet take up to 77 x N text tokens")
-    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (higher: slower build, maybe faster engine)")
+    p.add_argument("--opt-level", type=_int, default=3, help="builder optimization level 0-5 (higher: slower build, maybe faster engine)")
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file, read if present and written after the build (tensorrt only)")
     p.add_argument("--refit", action="store_true", help="build refittable engines (weights can be swapped without a rebuild)")
-    p.add_argument("--workspace", type=int, metavar="MB", help="builder workspace limit in MiB (default: TensorRT's, all device memory)")
+    p.add_argument("--workspace", type=positive_int, metavar="MB", help="builder workspace limit in MiB (default: TensorRT's, all device memory)")
     p.add_argument("--no-cache", action="store_true", help="always rebuild, ignoring the engine cache")
     p.add_argument("--cache-dir", type=Path, help="engine cache folder (default: $SDTRT_CACHE/engines or ~/.cache/sdtrt/engines)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -265,40 +390,45 @@ def _run_build(a: argparse.Namespace) -> None:
 
     out = build_engines(a.onnx_dir, a.out, backend=a.backend, batch=a.batch, height=a.height, width=a.width, target=a.target,
                         opt_level=a.opt_level, timing_cache=a.timing_cache, refit=a.refit, workspace_mb=a.workspace,
-                        components=[c.strip() for c in a.components.split(",")] if a.components else None,
-                        max_prompt_chunks=a.max_prompt_chunks, force=a.force, use_cache=not a.no_cache, cache=a.cache_dir, show_progress=not a.no_progress)
+                        components=_components(a.components), max_prompt_chunks=a.max_prompt_chunks, force=a.force,
+                        use_cache=not a.no_cache, cache=a.cache_dir, show_progress=not a.no_progress)
     print(f"wrote engines to {out} (inspect with: sdtrt inspect {out})")
 
 
 def _inspect_parser(sub) -> None:
-    p = _add(sub, "inspect", "show what an ONNX or engine directory holds",
+    p = _add(sub, "inspect", "show what an ONNX or engine directory holds, and check its files",
              """\
              Print an ONNX directory's components (dtypes, shapes) or an engine directory's manifest:
              library and version, target GPUs, profiles (min / opt / max), sizes, hashes and build flags.
              Everything comes from sdtrt.json / engines.json, so it works on machines without a GPU.
+             Every file listed is checked (present, the recorded size; --verify: the recorded sha256);
+             a damaged directory is reported with the command that recreates it (exit 2).
              """,
              """\
              sdtrt inspect out/engines
              sdtrt inspect out/engines --layers
+             sdtrt inspect out/onnx --verify
              sdtrt inspect out/onnx --json
              """)
-    p.add_argument("dir", type=Path, help="ONNX or engine directory")
+    p.add_argument("dir", type=Path, help="ONNX or engine directory (the folder, not its sdtrt.json)")
     p.add_argument("--layers", action="store_true", help="layer types per engine (and fused engine layers where a GPU can load them)")
+    p.add_argument("--verify", action="store_true", help="also compare every file's sha256 with the recorded one (reads every byte)")
     p.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
     p.set_defaults(run=_run_inspect)
 
 
 def _run_inspect(a: argparse.Namespace) -> None:
+    import dataclasses
     import json
 
-    from .inspect import describe
-    from .runtime.artifacts import open_model_dir
+    from .inspect import check, describe
 
     if a.json:
-        model = open_model_dir(a.dir)
-        print(json.dumps({"sdtrt.json": model.meta, "engines.json": model.manifest}, indent=2))
+        model = check(a.dir, a.verify)
+        print(json.dumps({"sdtrt.json": dataclasses.asdict(model.meta),
+                          "engines.json": dataclasses.asdict(model.manifest) if model.manifest else None}, indent=2))
     else:
-        print(describe(a.dir, layers=a.layers))
+        print(describe(a.dir, layers=a.layers, verify=a.verify))
 
 
 def _bench_parser(sub) -> None:
@@ -310,12 +440,13 @@ def _bench_parser(sub) -> None:
              median, min, max; speed-up over diffusers; peak RSS (and GPU memory); runtime overhead per
              step (loop time with the UNet replaced by a no-op); and checks every system made the same
              image (PSNR vs diffusers). Writes JSON and a PNG chart. --compare gates regressions.
+             Exports and engines are cached by the model's weights hash and the options, never by name.
              Exit codes: 3 images differ, 4 a stage regressed.
              """,
              """\
              sdtrt bench --preset sd15 --height 256 --width 256 --steps 4 --repeats 5
              sdtrt bench --preset tiny --repeats 2 --out out/tiny-bench.json
-             sdtrt bench --preset sd15 --compare benchmarks/baseline.json --max-regression 5%
+             sdtrt bench --preset sd15 --compare benchmarks/reference/bench-sd15-256-cpu.json --max-regression 5%
              """)
     from benchmarks.bench import add_arguments
 
@@ -332,9 +463,9 @@ def _run_bench(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdtrt", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="sdtrt", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sdtrt {__version__}")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     _make_model_parser(sub)
     _export_parser(sub)
     _build_parser(sub)
@@ -344,26 +475,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cli_error(e: SdtrtError) -> SdtrtError:
+    """Reword an error raised in Python terms (a request parameter) into the command line's."""
+    from .runtime.request import InvalidRequest
+
+    if isinstance(e, InvalidRequest) and e.param in _FLAGS:
+        return e.worded(_FLAGS[e.param], str(e.example))
+    return e
+
+
+def report(e: SdtrtError) -> None:
+    """Context lines (a validation table, TensorRT's errors) first, then the one error line."""
+    head, *details = e.problem.splitlines() or [""]
+    for line in details:
+        print(line, file=sys.stderr)
+    fix = e.cli_fix or e.fix
+    print(f"sdtrt: error: {head}" + (f" Fix: {fix}" if fix else ""), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import signals
 
     signals.install()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help()
-        return 2
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not hasattr(args, "run"):
+            parser.print_help()
+            return 2
         args.run(args)
     except SdtrtError as e:
-        print(f"sdtrt: error: {e.problem}", file=sys.stderr)
-        if e.fix:
-            print(f"  fix: {e.fix}", file=sys.stderr)
+        report(_cli_error(e))
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (signals.Terminated)
         code = signals.exit_code(e)
         print(f"sdtrt: {'terminated' if code == 143 else 'interrupted'}; nothing partial was left behind", file=sys.stderr)
         return code
+    except MemoryError:
+        report(SdtrtError("out of memory.", "use a smaller size, fewer images per call, or close other jobs"))
+        return 2
+    except OSError as e:  # the environment: a full disk, a file that vanished, a permission changed mid-run
+        report(SdtrtError(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "") + ".",
+                          "free disk space, or check the path and its permissions"))
+        return 2
     return 0
 
 

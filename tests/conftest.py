@@ -13,7 +13,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from sdtrt.presets import make_model
+    from sdtrt.models.presets import make_model
 
     return make_model("tiny", tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
@@ -36,7 +36,7 @@ def tiny_onnx_fp16(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_inpaint_model(tmp_path_factory) -> Path:
-    from sdtrt.presets import make_model
+    from sdtrt.models.presets import make_model
 
     return make_model("tiny-inpaint", tmp_path_factory.mktemp("models") / "tiny-inpaint", seed=0)
 
@@ -51,7 +51,7 @@ def tiny_inpaint_onnx(tiny_inpaint_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sd2_model(tmp_path_factory) -> Path:
-    from sdtrt.presets import make_model
+    from sdtrt.models.presets import make_model
 
     return make_model("tiny-sd2", tmp_path_factory.mktemp("models") / "tiny-sd2", seed=0)
 

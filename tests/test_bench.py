@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 
-from benchmarks.harness import STAGES, image_check, regressions
+from benchmarks.bench import main as bench
+from benchmarks.harness import STAGES, image_check, regressions, write_json
 from sdtrt.cli import main as cli
+from sdtrt.errors import SdtrtError
+from sdtrt.export.source import inspect_source, weights_sha256
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +86,134 @@ def test_same_image_check_catches_a_different_image():
     report = image_check({"diffusers": ref, "a": ref.copy(), "b": near, "c": other}, min_psnr=40)
     assert not report["ok"] and len(report["failures"]) == 1 and report["failures"][0].startswith("c:")
     assert report["psnr_db"]["a"] is None and report["psnr_db"]["b"] > 80  # identical; one value off by one
+
+
+def test_results_are_written_whole_with_the_permissions_open_would_give(result, tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert sorted(p.name for p in result.parent.iterdir()) == ["bench.json", "bench.png"]  # no temporary left behind
+    for path in (result, result.with_suffix(".png")):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(TypeError):
+        write_json({"x": object()}, tmp_path / "r.json")  # fails half-way: neither the file nor a temporary appears
+    assert list(tmp_path.iterdir()) == []
+
+
+# The quickest bench that still runs the reference and sdtrt and checks their images agree.
+FAST = ["--height", "64", "--width", "64", "--steps", "2", "--repeats", "1", "--warmup", "0", "--no-overhead",
+        "--systems", "diffusers,sdtrt"]
+
+
+def _sha(model_dir) -> str:
+    return weights_sha256(inspect_source(model_dir).weight_files, model_dir)
+
+
+def test_models_with_the_same_folder_name_never_share_cached_exports(tiny_model, tmp_path, capsys):
+    from benchmarks.bench import _presets
+
+    other = _presets().make_model("tiny", tmp_path / "elsewhere" / "tiny", seed=1)  # same name, other weights
+    assert tiny_model.name == other.name == "tiny" and _sha(tiny_model) != _sha(other)
+    work = tmp_path / "work"
+
+    def bench_ok(model) -> str:
+        out = tmp_path / "r.json"
+        capsys.readouterr()
+        assert bench([str(model), "--work-dir", str(work), "--out", str(out), *FAST]) == 0  # 3 would be IMAGES DIFFER
+        doc = json.loads(out.read_text())
+        assert doc["same_image"]["ok"] and doc["config"]["weights_sha256"] == _sha(model)
+        return capsys.readouterr().out
+
+    exports = {}
+    for model in (tiny_model, other):
+        assert "exporting tiny to" in bench_ok(model)  # the second model is exported, not served the first's ONNX
+        exports[model] = work / _sha(model)[:16] / "onnx-fp32-64x64"  # keyed by content and options, not by name
+        assert json.loads((exports[model] / "sdtrt.json").read_text())["source"]["sha256"] == _sha(model)
+    assert exports[tiny_model] != exports[other]
+
+    # An export is reused only when its sdtrt.json names these weights: plant the first model's export
+    # where the second's belongs, and the second bench exports again instead of trusting the folder.
+    shutil.rmtree(exports[other])
+    shutil.copytree(exports[tiny_model], exports[other])
+    assert "exported from other weights" in bench_ok(other)
+    assert json.loads((exports[other] / "sdtrt.json").read_text())["source"]["sha256"] == _sha(other)
+
+
+def _not_a_result(tmp_path, text: str):
+    path = tmp_path / "baseline.json"
+    path.write_text(text)
+    return path
+
+
+def _binary(tmp_path):
+    path = tmp_path / "baseline.json"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    return path
+
+
+# (extra flags, the flag the refusal must name); each gets a fresh tmp_path to make files in
+REFUSED = {
+    "compare-missing": (lambda t: ["--compare", str(t / "missing.json")], "--compare"),
+    "compare-a-folder": (lambda t: ["--compare", str(t)], "--compare"),
+    "compare-not-json": (lambda t: ["--compare", str(_not_a_result(t, "{not json"))], "--compare"),
+    "compare-not-text": (lambda t: ["--compare", str(_binary(t))], "--compare"),
+    "compare-other-json": (lambda t: ["--compare", str(_not_a_result(t, '{"schema": "something-else/1"}'))], "--compare"),
+    "compare-a-list": (lambda t: ["--compare", str(_not_a_result(t, "[1, 2]"))], "--compare"),
+    "compare-no-medians": (lambda t: ["--compare", str(_not_a_result(t, '{"schema": "sdtrt-bench/1", "systems": {"diffusers": {}}}'))],
+                           "--compare"),
+    "out-a-folder": (lambda t: ["--out", str(t)], "--out"),
+    "out-under-a-file": (lambda t: ["--out", str(_not_a_result(t, "x") / "r.json")], "--out"),
+    "plot-a-folder": (lambda t: ["--plot", str(t)], "--plot"),
+    "max-regression-garbage": (lambda t: ["--max-regression", "lots"], "--max-regression"),
+    "max-regression-negative": (lambda t: ["--max-regression=-5%"], "--max-regression"),
+    "max-regression-nan": (lambda t: ["--max-regression", "nan"], "--max-regression"),
+    "batch-0": (lambda t: ["--batch", "0"], "--batch"),
+    "steps-0": (lambda t: ["--steps", "0"], "--steps"),
+    "repeats-0": (lambda t: ["--repeats", "0"], "--repeats"),
+    "warmup-negative": (lambda t: ["--warmup", "-1"], "--warmup"),
+    "threads-negative": (lambda t: ["--threads", "-2"], "--threads"),
+    "height-not-multiple-of-8": (lambda t: ["--height", "60"], "--height"),
+    "height-negative": (lambda t: ["--height", "-64"], "--height"),
+    "width-0": (lambda t: ["--width", "0"], "--width"),
+    "guidance-inf": (lambda t: ["--guidance-scale", "inf"], "--guidance-scale"),
+    "guidance-nan": (lambda t: ["--guidance-scale", "nan"], "--guidance-scale"),
+    "min-psnr-nan": (lambda t: ["--min-psnr", "nan"], "--min-psnr"),
+    "unknown-system": (lambda t: ["--systems", "sdtrt,warp-drive"], "--systems"),
+    "unknown-scheduler": (lambda t: ["--scheduler", "warp"], "--scheduler"),
+    "prompts-for-batch": (lambda t: ["--batch", "2", "--prompt", "one fox"], "--prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_bad_flags_are_refused_before_any_work_naming_the_flag(case, tiny_model, tmp_path):
+    extra, flag = REFUSED[case]
+    work, out = tmp_path / "work", tmp_path / "out" / "r.json"
+    with pytest.raises(SdtrtError) as e:
+        bench([str(tiny_model), "--work-dir", str(work), "--out", str(out), *extra(tmp_path)])
+    assert flag in e.value.fix  # the fix says which flag to change
+    assert not work.exists() and not out.parent.exists()  # nothing was made, loaded or exported
+
+
+def test_presets_are_refused_before_they_are_made(tmp_path):
+    work = tmp_path / "work"
+    with pytest.raises(SdtrtError, match="--compare"):
+        bench(["--preset", "tiny", "--work-dir", str(work), "--compare", str(tmp_path / "missing.json")])
+    with pytest.raises(SdtrtError, match="unknown preset"):
+        bench(["--preset", "tiny-xl-ultra", "--work-dir", str(work)])
+    assert not work.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_unwritable_out_folder_is_refused_before_any_work(tiny_model, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(SdtrtError, match="not writable") as e:
+        bench([str(tiny_model), "--work-dir", str(tmp_path / "work"), "--out", str(locked / "sub" / "r.json")])
+    assert "--out" in e.value.fix and not (tmp_path / "work").exists()
+
+
+def test_cli_names_the_compare_fix_without_a_traceback(tiny_model, tmp_path, capsys):
+    code = cli(["bench", str(tiny_model), "--work-dir", str(tmp_path / "work"), "--compare", str(tmp_path / "missing.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "missing.json does not exist" in err and "pass an existing results JSON to --compare" in err  # the problem and its fix
+    assert not (tmp_path / "work").exists()

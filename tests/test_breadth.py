@@ -12,7 +12,7 @@ from PIL import Image
 
 from sdtrt import Pipeline
 from sdtrt.errors import SdtrtError
-from sdtrt.runtime import prompt_weights as pw
+from sdtrt.runtime.text import prompt_weights as pw
 from tests.helpers import psnr, reference_pipeline, seeded
 
 MIN_PSNR = 45.0

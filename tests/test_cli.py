@@ -22,7 +22,8 @@ def test_main_job_on_the_embedded_default_writes_a_png_with_parameters(tmp_path,
     assert image.size == (64, 64)
     params = image.text["parameters"]
     assert params.startswith("a watercolor fox\n") and "Steps: 5" in params and "Seed: 42" in params and "Sampler: PLMS" in params
-    assert (tmp_path / "cache" / "tiny-onnx" / "sdtrt.json").is_file()
+    # the default model is cached under a key naming what made it (preset, seed, sdtrt version, options)
+    assert [p.parent.parent.name for p in (tmp_path / "cache").glob("default/*/onnx/sdtrt.json")] == ["tiny-seed0-sdtrt0.1.0-fp32"]
 
 
 def test_generate_writes_one_png_per_image(tiny_onnx, tmp_path):

@@ -14,7 +14,7 @@ from sdtrt.cli import main as cli
 from sdtrt.engines.build import build_engines
 from sdtrt.errors import SdtrtError
 from sdtrt.files import file_sha256
-from sdtrt.runtime.artifacts import open_model_dir
+from sdtrt.artifacts import open_model_dir
 from sdtrt.runtime.backends.profile_check import check_profile
 from sdtrt.runtime.backends.tensorrt import preflight
 
@@ -58,7 +58,8 @@ def test_build_writes_engines_and_a_manifest_with_hashes(fixture, dtype, static,
         assert file_sha256(path) == e["sha256"]
         assert len(e["onnx_sha256"]) == 64 and sum(e["layers"].values()) > 50
     unet = m["engines"]["unet"]
-    assert unet["dtype"] == dtype and unet["inputs"]["sample"]["dtype"] == ("float16" if dtype == "fp16" else "float32")
+    assert unet["dtype"] == dtype
+    assert open_model_dir(d).specs["unet"].tensor("sample").concrete_dtype(unet["dtype"]) == ("float16" if dtype == "fp16" else "float32")
     assert m["engines"]["vae_decoder"]["dtype"] == "fp32"  # the VAE stays fp32 in an fp16 export
     # the engine directory is self-contained for the runtime
     assert (d / "tokenizer" / "vocab.json").is_file() and (d / "scheduler" / "scheduler_config.json").is_file()
@@ -66,24 +67,27 @@ def test_build_writes_engines_and_a_manifest_with_hashes(fixture, dtype, static,
 
 def test_profiles_follow_the_users_ranges(fp32_dynamic, fp16_static):
     dyn = _manifest(fp32_dynamic)["engines"]
-    sample = dyn["unet"]["inputs"]["sample"]
     # batch 1:1:4 images -> UNet 1 (guidance off) .. 2 (opt, guidance on) .. 8; 48:64:96 px -> 6:8:12 latents
-    assert (sample["min"], sample["opt"], sample["max"]) == ([1, 4, 6, 6], [2, 4, 8, 8], [8, 4, 12, 12])
-    assert dyn["text_encoder"]["inputs"]["input_ids"]["max"] == [8, 77]  # prompts + negatives
-    assert dyn["vae_decoder"]["inputs"]["latent"]["max"] == [4, 4, 12, 12]
-    static = _manifest(fp16_static)["engines"]["vae_decoder"]["inputs"]["latent"]
-    assert static["min"] == static["opt"] == static["max"] == [1, 4, 8, 8]
+    assert dyn["unet"]["profile"]["sample"] == [[1, 4, 6, 6], [2, 4, 8, 8], [8, 4, 12, 12]]
+    assert dyn["text_encoder"]["profile"]["input_ids"][2] == [8, 77]  # prompts + negatives
+    assert dyn["vae_decoder"]["profile"]["latent"][2] == [4, 4, 12, 12]
+    lo, opt, hi = _manifest(fp16_static)["engines"]["vae_decoder"]["profile"]["latent"]
+    assert lo == opt == hi == [1, 4, 8, 8]
 
 
 def test_long_prompt_chunks_widen_the_text_axis(tiny_onnx, cache, tmp_path):
     d = build_engines(tiny_onnx, tmp_path / "long", target="sm86", batch="1:1:2", components=["text_encoder", "unet"],
                       max_prompt_chunks=3, cache=cache, show_progress=False, log=lambda *_: None)
     e = _manifest(d)["engines"]
-    ehs = e["unet"]["inputs"]["encoder_hidden_states"]
-    assert ehs["min"][1] == 77 and ehs["max"][1] == 231
-    assert e["text_encoder"]["inputs"]["input_ids"]["max"] == [12, 77]  # 2 x 2 images x 3 chunks
+    ehs = e["unet"]["profile"]["encoder_hidden_states"]
+    assert ehs[0][1] == 77 and ehs[2][1] == 231
+    assert e["text_encoder"]["profile"]["input_ids"][2] == [12, 77]  # 2 x 2 images x 3 chunks
     with pytest.raises(SdtrtError, match="--max-prompt-chunks 4"):
-        check_profile("unet", e["unet"], {"encoder_hidden_states": (2, 308, 32)}, "sdtrt build X --out Y")
+        check_profile(_unet_spec(d), e["unet"]["profile"], {"encoder_hidden_states": (2, 308, 32)}, "sdtrt build X --out Y")
+
+
+def _unet_spec(d: Path):
+    return open_model_dir(d).specs["unet"]
 
 
 def test_same_inputs_and_flags_hit_the_cache_and_anything_else_rebuilds(tiny_onnx, fp32_dynamic, cache, tmp_path):
@@ -100,13 +104,13 @@ def test_same_inputs_and_flags_hit_the_cache_and_anything_else_rebuilds(tiny_onn
 
 
 def test_request_outside_the_profile_is_refused_with_the_range_and_flag(fp32_dynamic):
-    entry = _manifest(fp32_dynamic)["engines"]["unet"]
+    entry, spec = _manifest(fp32_dynamic)["engines"]["unet"]["profile"], _unet_spec(fp32_dynamic)
     with pytest.raises(SdtrtError, match=r"(?s)48-96 px.*--height") as e:
-        check_profile("unet", entry, {"sample": (2, 4, 16, 8)}, "sdtrt build ONNX --out ENG")
+        check_profile(spec, entry, {"sample": (2, 4, 16, 8)}, "sdtrt build ONNX --out ENG")
     assert "128 px" in str(e.value)
     with pytest.raises(SdtrtError, match=r"(?s)1-8.*--batch"):
-        check_profile("unet", entry, {"sample": (10, 4, 8, 8)}, "sdtrt build ONNX --out ENG")
-    check_profile("unet", entry, {"sample": (2, 4, 12, 6)}, "x")  # inside: no error
+        check_profile(spec, entry, {"sample": (10, 4, 8, 8)}, "sdtrt build ONNX --out ENG")
+    check_profile(spec, entry, {"sample": (2, 4, 12, 6)}, "x")  # inside: no error
 
 
 def _copy(d: Path, tmp_path: Path) -> Path:
@@ -208,5 +212,5 @@ def test_sd2_and_inpainting_models_build_like_the_others(fixture, request, cache
     d = build_engines(onnx_dir, tmp_path / "e", target="sm89", batch="1:1:2", cache=cache, show_progress=False, log=lambda *_: None)
     engines = _manifest(d)["engines"]
     meta = json.loads((onnx_dir / "sdtrt.json").read_text())
-    assert engines["unet"]["inputs"]["sample"]["min"][1] == meta["unet_in_channels"]  # 9 for inpainting UNets
+    assert engines["unet"]["profile"]["sample"][0][1] == meta["config"]["unet"]["in_channels"]  # 9 for inpainting UNets
     assert set(engines) == set(meta["components"])

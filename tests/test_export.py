@@ -15,13 +15,12 @@ import onnx
 import pytest
 import torch
 
+from sdtrt.artifacts import open_model_dir
 from sdtrt.cli import main as cli
-from sdtrt.components import COMPONENTS
 from sdtrt.export import export_model
 from sdtrt.export import graph, validate
 from sdtrt.export.exporter import sample_inputs
-from sdtrt.export.source import inspect_source, load_modules
-from sdtrt.export.wrappers import wrap
+from sdtrt.export.source import inspect_source
 
 ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT32: "int32"}
 
@@ -38,10 +37,10 @@ def _io(path: Path) -> dict[str, tuple[str, list]]:
 @pytest.mark.parametrize("fixture,float_type", [("tiny_onnx", "float32"), ("tiny_onnx_fp16", "float16")])
 def test_export_follows_the_onnx_contract(fixture, float_type, request):
     onnx_dir: Path = request.getfixturevalue(fixture)
-    meta = json.loads((onnx_dir / "sdtrt.json").read_text())
-    for name, info in meta["components"].items():
-        io = _io(onnx_dir / info["path"])
-        spec = COMPONENTS[name]
+    model = open_model_dir(onnx_dir)
+    for name, info in model.meta.components.items():
+        io = _io(onnx_dir / info.path)
+        spec = model.specs[name]
         assert list(io) == spec.input_names + spec.output_names
         expected_float = float_type if not name.startswith("vae") else "float32"  # the VAE stays fp32
         for t in spec.inputs + spec.outputs:
@@ -49,18 +48,19 @@ def test_export_follows_the_onnx_contract(fixture, float_type, request):
             assert dtype == (expected_float if t.dtype == "float" else t.dtype), (name, t.name)
             for axis, symbol in t.dynamic_axes().items():
                 assert dims[axis] == symbol, (name, t.name, dims)
-    assert meta["components"]["unet"]["inputs"]["sample"]["dims"] == ["B2", "Cin", "h", "w"]
+    assert model.specs["unet"].tensor("sample").dims == ("B2", 4, "h", "w")  # concrete channels from the model's config
 
 
 def test_metadata_describes_the_export(tiny_onnx, tiny_model):
     meta = json.loads((tiny_onnx / "sdtrt.json").read_text())
-    assert meta["family"] == "sd1" and meta["opset"] == 17 and meta["dtype"] == "fp32"
+    assert meta["family"] == "sd" and meta["opset"] == 17 and meta["dtype"] == "fp32" and meta["format_version"] == 2
     assert set(meta["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
-    assert meta["vae_scaling_factor"] == pytest.approx(0.18215)
-    assert meta["prediction_type"] == "epsilon"
+    # the family's model config is the diffusers configs, verbatim: every spec is a function of it
+    assert meta["config"]["vae"]["scaling_factor"] == pytest.approx(0.18215)
+    assert meta["config"]["unet"] == json.loads((tiny_model / "unet" / "config.json").read_text())
     assert meta["scheduler_config"]["_class_name"] == "PNDMScheduler"
     assert len(meta["source"]["sha256"]) == 64
-    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= set(meta["tokenizer"]["files"])
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= set(meta["tokenizers"]["text_encoder"]["files"])
     assert (tiny_onnx / "tokenizer" / "vocab.json").read_bytes() == (tiny_model / "tokenizer" / "vocab.json").read_bytes()
     assert all(c["ok"] for c in meta["validation"]) and len(meta["validation"]) == 6
 
@@ -69,24 +69,24 @@ def test_fp16_validation_is_within_its_tolerance_and_finite(tiny_onnx_fp16):
     meta = json.loads((tiny_onnx_fp16 / "sdtrt.json").read_text())
     rows = {(c["component"], c["output"]): c for c in meta["validation"]}
     assert rows[("unet", "latent")]["dtype"] == "fp16" and rows[("unet", "latent")]["finite"]
-    assert rows[("unet", "latent")]["rel"] <= validate.TOLERANCES["fp16"]["unet"]
+    assert rows[("unet", "latent")]["rel"] <= open_model_dir(tiny_onnx_fp16).specs["unet"].tolerances["fp16"]
     assert rows[("vae_decoder", "images")]["dtype"] == "fp32"
 
 
 def test_dynamic_axes_accept_other_batches_and_sizes(tiny_onnx, tiny_model):
     """The files were traced at one shape; they must give torch's answer at others."""
     src = inspect_source(tiny_model)
-    modules = load_modules(src, {"unet", "vae_decoder"})
     for name, size, batch in [("unet", 96, 3), ("vae_decoder", 48, 2)]:
-        spec = COMPONENTS[name]
-        ref = wrap(name, modules, src.text_config)
-        inputs = sample_inputs(name, src, size, size + 16, seed=3)
+        spec = src.specs[name]
+        ref = spec.load(src.path, False)
+        inputs = sample_inputs(spec, size, size + 16, seed=3)
         inputs = tuple(x.repeat(batch, *[1] * (x.dim() - 1)) if x.numel() > 1 else x for x in inputs)
         [check] = validate.compare(spec, "fp32", tiny_onnx / name / "model.onnx", ref, inputs)
         assert check.ok, check
     # long prompts: the UNet's text axis takes 77 x chunks tokens
-    sample, t, ehs = sample_inputs("unet", src, 64, 64, seed=4)
-    [check] = validate.compare(COMPONENTS["unet"], "fp32", tiny_onnx / "unet" / "model.onnx", wrap("unet", modules, src.text_config),
+    unet = src.specs["unet"]
+    sample, t, ehs = sample_inputs(unet, 64, 64, seed=4)
+    [check] = validate.compare(unet, "fp32", tiny_onnx / "unet" / "model.onnx", unet.load(src.path, False),
                                (sample, t, torch.cat([ehs, ehs.flip(1)], dim=1)))
     assert check.ok, check
 
@@ -103,9 +103,8 @@ def test_perturbed_initializer_fails_validation(tiny_onnx, tiny_model, tmp_path)
     bad = tmp_path / "unet.onnx"
     shutil.copy(tiny_onnx / "unet" / "model.onnx", bad)
     _perturb_first_large_initializer(bad)
-    src = inspect_source(tiny_model)
-    ref = wrap("unet", load_modules(src, {"unet"}), src.text_config)
-    checks = validate.compare(COMPONENTS["unet"], "fp32", bad, ref, sample_inputs("unet", src, 64, 64))
+    unet = inspect_source(tiny_model).specs["unet"]
+    checks = validate.compare(unet, "fp32", bad, unet.load(tiny_model, False), sample_inputs(unet, 64, 64))
     with pytest.raises(validate.ValidationFailed, match="relative error"):
         validate.raise_on_failure(checks)
 
@@ -160,10 +159,10 @@ def _copy_model(src: Path, dst: Path) -> Path:
 def test_unsupported_family_names_the_supported_ones(tiny_model, tmp_path, capsys):
     m = _copy_model(tiny_model, tmp_path / "m")
     index = json.loads((m / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["_class_name"] = "StableDiffusion3Pipeline"
     (m / "model_index.json").write_text(json.dumps(index))
     err = _err(capsys, ["export", str(m), "--out", str(tmp_path / "o")])
-    assert "SDXL" in err and "Stable Diffusion 1.x and 2.x" in err
+    assert "Stable Diffusion 3" in err and "Stable Diffusion 1.x/2.x (StableDiffusionPipeline" in err
 
 
 def test_pickle_weights_are_refused_unless_allowed(tiny_model, tmp_path, capsys):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from sdtrt.presets import PRESETS, build_components, clip_bpe_path, clip_vocab_and_merges, get_preset, make_model
+from sdtrt.models.presets import PRESETS, build_components, clip_bpe_path, clip_vocab_and_merges, get_preset, make_model
 from sdtrt.errors import SdtrtError
 
 

@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from sdtrt.presets import write_tokenizer
-from sdtrt.runtime.tokenizer import CLIPTokenizer
+from sdtrt.models.presets import write_tokenizer
+from sdtrt.runtime.text.tokenizer import CLIPTokenizer
 
 HAND_WRITTEN = [
     "", " ", "a", "a photo of a cat", "A Watercolor Painting of a FOX, trending on ArtStation, 4k, 8K UHD",

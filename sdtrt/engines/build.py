@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import resource
 import shutil
@@ -11,11 +12,10 @@ from pathlib import Path
 from typing import Iterable
 
 from .. import __version__
-from ..files import atomic_dir, atomic_file, cache_dir, check_output_dir, file_sha256, write_text
+from ..files import atomic_dir, atomic_file, cache_dir, check_not_inside, check_output_dir, file_sha256, write_text
 from ..errors import SdtrtError
 from ..progress import progress
-from ..runtime.artifacts import ONNX_METADATA, open_model_dir
-from . import manifest as mf
+from ..artifacts import EngineFile, EngineManifest, Library, open_model_dir
 from .builder import BuildOptions, build_engine
 from .profiles import Ranges, profile
 from .toolkit import load_toolkit, local_gpu_target, resolve_targets
@@ -50,13 +50,14 @@ def build_engines(
     model = open_model_dir(onnx_dir)
     if model.kind != "onnx":
         raise SdtrtError(f"{onnx_dir} is already an engine directory.", "pass the ONNX directory written by `sdtrt export`")
-    available = set(model.meta["components"])
-    names = list(dict.fromkeys(components)) if components else sorted(available, key=["text_encoder", "unet", "vae_decoder", "vae_encoder"].index)
+    check_not_inside(out, onnx_dir, "ONNX directory")
+    available = list(model.meta.components)
+    names = list(dict.fromkeys(components)) if components else available
     missing = [c for c in names if c not in available]
     if missing:
         raise SdtrtError(f"{onnx_dir} has no {', '.join(missing)} ONNX.",
-                         f"re-export with --components {','.join(sorted(available | set(missing)))}, or drop {', '.join(missing)} from --components")
-    native = model.meta["default_size"]
+                         f"re-export with --components {','.join(available + missing)}, or drop {', '.join(missing)} from --components")
+    native = model.meta.default_size
     ranges = Ranges.parse(batch, height or str(native[0]), width or str(native[1]), max_prompt_chunks)
     if not 0 <= opt_level <= 5:
         raise SdtrtError(f"--opt-level {opt_level} is outside 0-5.", "pass --opt-level 3 (the default) or another value 0-5")
@@ -69,43 +70,46 @@ def build_engines(
     options = BuildOptions(tuple(targets), opt_level, refit, workspace_mb, True, Path(timing_cache) if timing_cache else None)
     out = Path(out)
     check_output_dir(out, force)
-    store = engine_cache_dir(cache)
+    store = engine_cache_dir(cache) if use_cache else None
     started = time.time()
-    entries: dict[str, dict] = {}
+    entries: dict[str, EngineFile] = {}
     with atomic_dir(out, force) as tmp:
         for name in names:
-            entries[name] = _engine(tk, model, name, ranges, options, tmp, store if use_cache else None, show_progress, log)
-        for part in ("tokenizer", "scheduler"):
-            shutil.copytree(model.root / part, tmp / part)
-        shutil.copy2(model.root / ONNX_METADATA, tmp / ONNX_METADATA)
-        manifest = {
-            "format": mf.FORMAT,
-            "format_version": mf.FORMAT_VERSION,
-            "sdtrt_version": __version__,
-            "backend": {"name": tk.name, "module": tk.module_name, "version": tk.version},
-            "targets": targets,
-            "build_machine_gpu": local_gpu_target(),
-            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "build_seconds": round(time.time() - started, 2),
-            "peak_rss_mb": round(max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024, 1),
-            "source": {"onnx_dir": str(model.root.absolute()), "weights_sha256": model.meta["source"]["sha256"]},
-            "flags": {"batch": str(ranges.batch), "height": str(ranges.height), "width": str(ranges.width),
-                      "max_prompt_chunks": ranges.prompt_chunks, **options.key_fields(),
-                      "timing_cache": str(options.timing_cache) if options.timing_cache else None},
-            "engines": entries,
-        }
-        (tmp / mf.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: its presence means complete
+            entries[name] = _engine(tk, model, name, ranges, options, tmp, store, show_progress, log)
+        for folder in [t.dir for t in model.meta.tokenizers.values()] + ["scheduler"]:
+            shutil.copytree(model.root / folder, tmp / folder)
+        model.meta.write(tmp)
+        EngineManifest(
+            backend=Library(tk.name, tk.module_name, tk.version), targets=targets,
+            flags={"batch": str(ranges.batch), "height": str(ranges.height), "width": str(ranges.width),
+                   "max_prompt_chunks": ranges.prompt_chunks, **options.key_fields(),
+                   "timing_cache": str(options.timing_cache) if options.timing_cache else None},
+            engines=entries, onnx_dir=str(model.root.absolute()), weights_sha256=model.meta.source.sha256,
+            sdtrt_version=__version__, build_machine_gpu=local_gpu_target(),
+            built_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            build_seconds=round(time.time() - started, 2),
+            peak_rss_mb=round(max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024, 1),
+        ).write(tmp)  # last: its presence means complete
     return out
 
 
-def _engine(tk, model, name: str, ranges: Ranges, options: BuildOptions, tmp: Path, store: Path | None, show_progress: bool, log) -> dict:
-    info = model.meta["components"][name]
-    onnx_path = model.root / info["path"]
+def cache_key(onnx_sha256: str, shapes: dict, options: dict, module: str, version: str) -> str:
+    """Same ONNX + profile + build options + library version + targets -> same key -> no rebuild."""
+    payload = json.dumps({"onnx": onnx_sha256, "shapes": shapes, "options": options, "module": module, "version": version},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _engine(tk, model, name: str, ranges: Ranges, options: BuildOptions, tmp: Path, store: Path | None, show_progress: bool,
+            log) -> EngineFile:
+    info = model.meta.components[name]
+    onnx_path = model.root / info.path
     onnx_sha = file_sha256(onnx_path)
-    if onnx_sha != info["sha256"]:
-        raise SdtrtError(f"{onnx_path} changed after export (its sha256 no longer matches sdtrt.json).", "re-export the model with `sdtrt export`")
-    shapes = profile(name, ranges, model.fixed_sizes)
-    key = mf.cache_key(onnx_sha, {k: [list(s) for s in v] for k, v in shapes.items()}, options.key_fields(), tk.module_name, tk.version)
+    if onnx_sha != info.sha256:
+        raise SdtrtError(f"{onnx_path} changed after export (its sha256 no longer matches sdtrt.json).",
+                         f"re-export the model: sdtrt export {model.meta.source.path} --out {model.root} --force")
+    shapes = profile(model.specs[name], ranges)
+    key = cache_key(onnx_sha, {k: [list(s) for s in v] for k, v in shapes.items()}, options.key_fields(), tk.module_name, tk.version)
     target = tmp / f"{name}.engine"
     cached = _from_cache(store, key, target)
     if cached is not None:
@@ -117,24 +121,13 @@ def _engine(tk, model, name: str, ranges: Ranges, options: BuildOptions, tmp: Pa
             built = build_engine(tk.name, onnx_path, shapes, options, target, bar)
         finally:
             bar.close()
-        build = {"build_seconds": round(built.seconds, 2), "layers": built.layers, "cache_hit": False}
-        if built.suppressed_messages:
-            build["no_gpu_messages_suppressed"] = built.suppressed_messages
+        build = {"build_seconds": round(built.seconds, 2), "layers": built.layers, "cache_hit": False,
+                 "no_gpu_messages_suppressed": built.suppressed_messages}
         if store is not None:
             _to_cache(store, key, target, build)
         log(f"{name}: built in {built.seconds:.1f}s ({sum(built.layers.values())} layers)")
-    dtype = info["dtype"]
-    return {
-        "path": target.name,
-        "dtype": dtype,
-        "sha256": file_sha256(target),
-        "size_bytes": target.stat().st_size,
-        "onnx_sha256": onnx_sha,
-        "cache_key": key,
-        "inputs": {t: {**info["inputs"][t], "min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for t, s in shapes.items()},
-        "outputs": info["outputs"],
-        **build,
-    }
+    return EngineFile(path=target.name, dtype=info.dtype, sha256=file_sha256(target), size_bytes=target.stat().st_size,
+                      onnx_sha256=onnx_sha, cache_key=key, profile={k: [list(s) for s in v] for k, v in shapes.items()}, **build)
 
 
 def _from_cache(store: Path | None, key: str, target: Path) -> dict | None:
@@ -143,11 +136,16 @@ def _from_cache(store: Path | None, key: str, target: Path) -> dict | None:
     engine, meta = store / f"{key}.engine", store / f"{key}.json"
     if not (engine.is_file() and meta.is_file()):
         return None
-    record = json.loads(meta.read_text())
-    if file_sha256(engine) != record.get("sha256"):
+    try:
+        record = json.loads(meta.read_text())
+        build = dict(record["build"], cache_hit=True)
+        fresh = file_sha256(engine) == record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None  # a damaged cache entry is rebuilt, never trusted
-    shutil.copy2(engine, target)
-    return {**record["build"], "cache_hit": True}
+    if not fresh:
+        return None
+    shutil.copyfile(engine, target)
+    return build
 
 
 def _to_cache(store: Path, key: str, engine: Path, build: dict) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..components import COMPONENTS, VAE_FACTOR
+from ..models.spec import TEXT_LENGTH, VAE_FACTOR, ComponentSpec
 from ..errors import SdtrtError
 
 
@@ -65,18 +65,19 @@ class Ranges:
         return cls(Range.parse(batch, "--batch"), Range.parse(height, "--height", VAE_FACTOR), Range.parse(width, "--width", VAE_FACTOR), prompt_chunks)
 
 
-def _sizes(r: Ranges, which: str, fixed: dict[str, int]) -> dict[str, int]:
+def _sizes(r: Ranges, which: str) -> dict[str, int]:
     b, h, w = getattr(r.batch, which), getattr(r.height, which), getattr(r.width, which)
-    b2 = r.batch.min if which == "min" else 2 * b  # guidance off at the low end, on above
-    s = 77 * r.prompt_chunks if which == "max" else 77
-    return {**fixed, "B": b, "B2": b2, "S": s, "H": h, "W": w, "h": h // VAE_FACTOR, "w": w // VAE_FACTOR}
+    low, high = which == "min", which == "max"
+    return {
+        "B": b,
+        "B2": r.batch.min if low else 2 * b,  # guidance off at the low end, on above
+        "T": r.batch.min if low else 2 * b * (r.prompt_chunks if high else 1),  # prompts + negatives (x chunks)
+        "S": TEXT_LENGTH * r.prompt_chunks if high else TEXT_LENGTH,
+        "H": h, "W": w, "h": h // VAE_FACTOR, "w": w // VAE_FACTOR,
+    }
 
 
-def profile(component: str, ranges: Ranges, fixed: dict[str, int]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+def profile(spec: ComponentSpec, ranges: Ranges) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """input name -> (min, opt, max) shape for one engine."""
-    spec = COMPONENTS[component]
-    per = {which: _sizes(ranges, which, fixed) for which in ("min", "opt", "max")}
-    if component == "text_encoder":  # prompts and negatives together: B up to 2 B_max (x chunks of long prompts)
-        per["opt"]["B"] = 2 * per["opt"]["B"]
-        per["max"]["B"] = 2 * per["max"]["B"] * ranges.prompt_chunks
+    per = {which: _sizes(ranges, which) for which in ("min", "opt", "max")}
     return {t.name: tuple(t.shape(per[w]) for w in ("min", "opt", "max")) for t in spec.inputs}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..components import ComponentSpec
+from ..models.spec import ComponentSpec
 from ..errors import SdtrtError
 
 MIN_OPSET, MAX_OPSET = 17, 20  # 17 brings LayerNormalization; 20 is the newest the TorchScript exporter writes

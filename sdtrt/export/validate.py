@@ -1,4 +1,5 @@
-"""Export validation: run each ONNX file in ONNX Runtime against its torch module on real-shaped inputs."""
+"""Export validation: run each ONNX file in ONNX Runtime against its torch module on real-shaped inputs.
+Tolerances are the component spec's (see sdtrt/models/spec.py for why they are what they are)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..components import ComponentSpec
+from ..models.spec import ComponentSpec
 from ..errors import SdtrtError
-
-# Relative error = max|onnx - torch| / max|torch|, per output, against the fp32 torch module.
-# fp32: ONNX Runtime and torch differ only in kernel order and fusions (~1e-6); 1e-3 leaves head-room
-#       for full-size models yet fails any changed weight.
-# fp16: the ONNX computes in half precision (about 3 decimal digits per op, over dozens of layers);
-#       measured on the tiny and sd15 models at well under 1e-2.
-TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"text_encoder": 1e-3, "unet": 1e-3, "vae_decoder": 1e-3, "vae_encoder": 1e-3},
-    "fp16": {"text_encoder": 2e-2, "unet": 2e-2, "vae_decoder": 2e-2, "vae_encoder": 2e-2},
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Check:
@@ -76,7 +66,7 @@ def compare_outputs(spec: ComponentSpec, dtype: str, onnx_path: Path, inputs: tu
         finite = bool(np.isfinite(g64).all())
         err = float(np.abs(g64 - r64).max()) if finite else float("inf")
         scale = max(float(np.abs(r64).max()), 1e-12)
-        checks.append(Check(spec.name, dtype, t.name, err, err / scale, TOLERANCES[dtype][spec.name], finite))
+        checks.append(Check(spec.name, dtype, t.name, err, err / scale, spec.tolerances[dtype], finite))
     return checks
 
 

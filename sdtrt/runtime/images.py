@@ -1,16 +1,13 @@
-"""Images in and out: decoder output -> PIL (exactly as diffusers post-processes), PNG with an
-A1111-style `parameters` text chunk, and PIL -> model input for img2img/inpainting."""
+"""Images in and out of the model: decoder output -> PIL (exactly as diffusers post-processes), and
+PIL / files / tensors -> model input for img2img and inpainting (as diffusers' VaeImageProcessor)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Mapping
 
 import torch
 
-from ..components import VAE_FACTOR, nearest_sizes
+from ..models.spec import VAE_FACTOR, nearest_sizes
 from ..errors import SdtrtError
 
 
@@ -24,38 +21,6 @@ def to_pil(images: torch.Tensor) -> list:
     from PIL import Image
 
     return [Image.fromarray(a.numpy()) for a in to_uint8(images)]
-
-
-def a1111_parameters(p: Mapping[str, Any]) -> str:
-    """The text A1111 writes into its PNGs, which many tools read back."""
-    lines = [p.get("prompt", "")]
-    if p.get("negative_prompt"):
-        lines.append(f"Negative prompt: {p['negative_prompt']}")
-    fields = [("Steps", p.get("steps")), ("Sampler", p.get("sampler")), ("CFG scale", p.get("guidance_scale")),
-              ("Seed", p.get("seed")), ("Size", f"{p.get('width')}x{p.get('height')}"), ("Model hash", p.get("model_hash")),
-              ("Clip skip", p.get("clip_skip")), ("Denoising strength", p.get("strength"))]
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None) + ", Version: sdtrt")
-    return "\n".join(lines)
-
-
-def save_png(image, path: Path | str, parameters: str | None = None) -> Path:
-    """Write a PNG through a temporary name (no half-written files), with a `parameters` chunk."""
-    from PIL.PngImagePlugin import PngInfo
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngInfo()
-    if parameters:
-        info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _open(image, what: str):

@@ -1,56 +1,106 @@
-"""txt2img on any backend: tokenizer -> text encoder -> denoising loop -> VAE decoder -> images.
+"""A request -> images on any backend: text conditioning (the family's) -> start latents -> the
+denoising loop -> VAE decoder.
 
-Parity promise: for the same model, scheduler, settings and seed, the image equals what diffusers'
-StableDiffusionPipeline makes (latents drawn and prompts batched exactly as it does).
+Parity promise: for the same model, scheduler, settings and seed, the image equals what the
+family's diffusers pipeline makes (latents drawn and prompts batched exactly as it does).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
+import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable
 
 import torch
 
-from ..components import VAE_FACTOR, nearest_sizes
-from ..errors import SdtrtError
-from . import backends, prompt_weights, schedulers
-from .artifacts import ModelDir, open_model_dir
-from .guidance import guided, rescaled
+from ..artifacts import ModelDir, open_model_dir
+from ..errors import OutOfMemory, SdtrtError
+from ..models.spec import VAE_FACTOR
+from . import backends, latents as start, schedulers
+from .denoise import CallbackHook, CancelHook, ProgressHook, Step, StepHook, denoise
 from .images import to_pil
 from .noise import randn
-from .tokenizer import CLIPTokenizer
+from .request import InvalidRequest, Request
+from .text.tokenizer import CLIPTokenizer
+
+REQUEST_FIELDS = {f.name for f in dataclasses.fields(Request)}
 
 
 @dataclasses.dataclass
 class Result:
-    images: list  # PIL images, prompt-major: prompt 0's images first
+    images: list  # PIL images (output_type "pil"), prompt-major: prompt 0's images first
     timings: dict[str, Any]  # seconds per stage; "unet_calls" a count; "step_seconds" each denoising step
     seed: int | None
     parameters: list[dict[str, Any]]  # per image, what made it (also written into PNGs)
+    tensors: torch.Tensor | None = None  # output_type "tensor": [B,3,H,W] in [0, 1]
+    latents: torch.Tensor | None = None  # output_type "latent": the final latents (a refiner's input)
 
 
-@dataclasses.dataclass
-class _Timer:
-    times: dict[str, float] = dataclasses.field(default_factory=dict)
-    stamps: list[float] = dataclasses.field(default_factory=list)  # denoising loop: start, then each step's end
+class _Clock:
+    """Stage times that are true on a GPU: the device is synchronized before each reading, and UNet
+    calls are timed with CUDA events (one synchronization at the end, not one per step)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.times: dict[str, Any] = {}
+        self.unet_events: list = []
+        self.stamps: list[float] = []
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def add(self, stage: str, seconds: float) -> None:
         self.times[stage] = self.times.get(stage, 0.0) + seconds
 
+    def timed_unet(self, run: Callable[[dict], torch.Tensor]) -> Callable[[dict], torch.Tensor]:
+        def timed(feeds):
+            if self.cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                out = run(feeds)
+                end.record()
+                self.unet_events.append((begin, end))
+                return out
+            t0 = time.perf_counter()
+            out = run(feeds)
+            self.add("unet", time.perf_counter() - t0)
+            return out
 
-@dataclasses.dataclass
-class _Inpaint:
-    """What the denoising loop needs for inpainting (all already batched, CFG-doubled where used)."""
+        return timed
 
-    mask: torch.Tensor  # [B2 or B, 1, h, w] latent-size mask (1 = repaint)
-    masked_latents: torch.Tensor  # [B2 or B, 4, h, w] latents of the image with the masked area blanked
-    image_latents: torch.Tensor | None  # [B, 4, h, w] latents of the image (4-channel UNets blend with it)
-    noise: torch.Tensor  # the noise the start latents were drawn with (re-used for blending)
-    nine_channel: bool
+    def finish_unet(self) -> None:
+        if self.unet_events:
+            torch.cuda.synchronize(self.device)
+            self.add("unet", sum(b.elapsed_time(e) for b, e in self.unet_events) / 1000)
+
+
+class _StampHook(StepHook):
+    def __init__(self, clock: _Clock):
+        self.clock = clock
+
+    def step_done(self, step: Step) -> None:
+        self.clock.stamps.append(self.clock.now() if self.clock.cuda else time.perf_counter())
+
+
+class _Text:
+    """The family's view of the text encoders: tokenizers and one call per encoder."""
+
+    def __init__(self, pipe: "Pipeline"):
+        self.pipe = pipe
+
+    def tokenizer(self, component: str) -> CLIPTokenizer:
+        return self.pipe.tokenizers[component]
+
+    def run(self, component: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        backend = self.pipe.backend
+        ids = ids.to(device=self.pipe.device, dtype=backend.input_dtype(component, "input_ids"))
+        return {k: v.float() for k, v in self.pipe._run(component, {"input_ids": ids}).items()}
 
 
 class Pipeline:
@@ -58,8 +108,16 @@ class Pipeline:
         self.model = model
         self.backend = backend
         self.device = backend.device
-        self.tokenizer = CLIPTokenizer.from_dir(model.tokenizer_dir)
-        self.default_scheduler = schedulers.resolve(model.scheduler_config.get("_class_name", "PNDMScheduler"))
+        self.family = model.family
+        self.config = model.meta.config
+        self.tokenizers = {e: CLIPTokenizer.from_dir(model.tokenizer_dir(e)) for e in model.meta.tokenizers}
+        self.default_scheduler = schedulers.resolve(model.meta.scheduler_config.get("_class_name", "PNDMScheduler"))
+        self._local = threading.local()  # the request being run on this thread, for error messages
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        """The first text encoder's tokenizer."""
+        return next(iter(self.tokenizers.values()))
 
     @classmethod
     def load(cls, path: Path | str, backend: str = "auto", **backend_options: Any) -> "Pipeline":
@@ -72,280 +130,222 @@ class Pipeline:
         if closer is not None:
             closer()
 
-    # --- stages --------------------------------------------------------------------------------
+    # --- the call --------------------------------------------------------------------------------
 
-    def _encoder_output(self, ids: torch.Tensor, clip_skip: int | None, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embeddings for `rows` with clip_skip applied, plain embeddings for the other rows)."""
-        ids = ids.to(device=self.device, dtype=self.backend.input_dtype("text_encoder", "input_ids"))
-        out = self.backend.run("text_encoder", {"input_ids": ids})
-        cond = out["text_embeddings"][rows] if clip_skip is None else out["skipped_embeddings"][rows, clip_skip - 1]
-        return cond, out["text_embeddings"][rows.stop:]
+    def __call__(self, prompt, negative_prompt=None, *, generator=None, progress: bool = True,
+                 cancel: threading.Event | None = None, callback: Callable[[int, int], None] | None = None,
+                 **params: Any) -> Result:
+        """txt2img; img2img with `image` (+ `strength`); inpainting with `image` and `mask_image`.
+        Parameters are `sdtrt.Request`'s (diffusers' names); see there for each one."""
+        unknown = sorted(set(params) - REQUEST_FIELDS)
+        if unknown:
+            raise SdtrtError(f"unknown parameter(s): {', '.join(unknown)}.",
+                             f"use sdtrt.Request's fields: {', '.join(sorted(REQUEST_FIELDS))}")
+        return self.run(Request(prompt, negative_prompt, **params), generator=generator, progress=progress,
+                        cancel=cancel, callback=callback)
 
-    def _text_embeddings(self, prompts: list[str], negatives: list[str] | None, per_prompt: int,
-                         clip_skip: int | None, syntax: str) -> torch.Tensor:
-        """[uncond; cond] embeddings (or cond alone without guidance), each prompt repeated per image."""
-        texts = prompts + (negatives or [])
-        b = len(prompts)
-        if syntax == "plain":
-            cond, uncond = self._encoder_output(self.tokenizer.encode(texts), clip_skip, slice(0, b))
-        else:
-            chunked = [prompt_weights.chunk(self.tokenizer, t) for t in texts]
-            count = max(c.ids.shape[0] for c in chunked)
-            chunked = [prompt_weights.padded(c, count, self.tokenizer) for c in chunked]
-            z_cond, z_uncond = self._encoder_output(torch.cat([c.ids for c in chunked]), clip_skip, slice(0, b * count))
-            z = torch.cat([z_cond, z_uncond]).reshape(len(texts), count, *z_cond.shape[1:])
-            z = torch.stack([prompt_weights.apply_weights(z[i], c.weights) for i, c in enumerate(chunked)])
-            z = z.reshape(len(texts), count * z.shape[2], z.shape[3])
-            cond, uncond = z[:b], z[b:]
-        cond = cond.repeat_interleave(per_prompt, dim=0)
-        if negatives is None:
-            return cond
-        # diffusers applies clip_skip to the prompt only, never to the negative prompt; so do we
-        return torch.cat([uncond.repeat_interleave(per_prompt, dim=0), cond])
-
-    def _vae_latents(self, images: torch.Tensor, generator) -> torch.Tensor:
-        """Scaled latents sampled from the VAE's posterior: (mean + std * noise) * scaling_factor,
-        drawing the noise as diffusers does (one row per generator for a list)."""
-        x = images.to(device=self.device, dtype=self.backend.input_dtype("vae_encoder", "images"))
-        if isinstance(generator, (list, tuple)) and len(generator) > 1:
-            rows = [self._vae_latents(x[i : i + 1], g) for i, g in enumerate(generator[: x.shape[0]])]
-            return torch.cat(rows)
-        out = self.backend.run("vae_encoder", {"images": x})
-        mean, std = out["latent_mean"].float(), out["latent_std"].float()
-        return self.model.meta["vae_scaling_factor"] * (mean + std * randn(mean.shape, generator, self.device, torch.float32))
-
-    def _denoise(self, latents: torch.Tensor, embeddings: torch.Tensor, scheduler: schedulers.Scheduler,
-                 guidance_scale: float, guidance_rescale: float, generator, timer: _Timer, progress: bool,
-                 inpaint: _Inpaint | None = None) -> torch.Tensor:
-        cfg = embeddings.shape[0] == 2 * latents.shape[0]
-        unet_dtype = self.backend.input_dtype("unet", "sample")
-        embeddings = embeddings.to(self.backend.input_dtype("unet", "encoder_hidden_states"))
-        extra = blend_mask = None
-        if inpaint is not None and inpaint.nine_channel:  # the inpainting UNet also sees mask and masked image
-            extra = torch.cat([inpaint.mask, inpaint.masked_latents], dim=1)
-        elif inpaint is not None:  # a standard UNet: blend the known area back in after each step
-            blend_mask = inpaint.mask.chunk(2)[0] if cfg else inpaint.mask
-        timesteps = scheduler.remaining_timesteps
-        # all timesteps as [1] float32 tensors on the device, made once outside the loop
-        t_inputs = timesteps.to(torch.float32).reshape(-1, 1).to(self.device).unbind(0)
-        stamps = timer.stamps
-        stamps.append(time.perf_counter())
-        for i, (t, t_in) in enumerate(zip(_progress(timesteps, progress), t_inputs)):
-            x = scheduler.scale_model_input(latents, t)
-            x = torch.cat([x, x]) if cfg else x
-            if extra is not None:
-                x = torch.cat([x, extra], dim=1)
-            t0 = time.perf_counter()
-            noise = self.backend.run("unet", {"sample": x.to(unet_dtype), "timestep": t_in, "encoder_hidden_states": embeddings})["latent"]
-            timer.add("unet", time.perf_counter() - t0)
-            noise = noise.float()
-            if cfg:
-                noise, cond = guided(noise, guidance_scale)
-                if guidance_rescale > 0:
-                    noise = rescaled(noise, cond, guidance_rescale)
-            latents = scheduler.step(noise, t, latents, generator=generator)
-            if blend_mask is not None:
-                # keep the unmasked area on the image's own trajectory, noised to the next level
-                known = inpaint.image_latents
-                if i < len(timesteps) - 1:
-                    known = scheduler.add_noise(known, inpaint.noise)
-                latents = (1 - blend_mask) * known + blend_mask * latents
-            stamps.append(time.perf_counter())
-        return latents
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = (latents / self.model.meta["vae_scaling_factor"]).to(self.backend.input_dtype("vae_decoder", "latent"))
-        return self.backend.run("vae_decoder", {"latent": z})["images"]
-
-    # --- the call ------------------------------------------------------------------------------
-
-    def __call__(
-        self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] | None = None,
-        *,
-        num_images_per_prompt: int = 1,
-        steps: int = 50,
-        guidance_scale: float = 7.5,
-        guidance_rescale: float = 0.0,
-        scheduler: str | None = None,
-        scheduler_options: Mapping[str, Any] | None = None,
-        seed: int | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        clip_skip: int | None = None,
-        image: Any = None,
-        mask_image: Any = None,
-        strength: float | None = None,
-        resize: bool = False,
-        prompt_syntax: str = "plain",
-        progress: bool = True,
-        output_type: str = "pil",
-    ) -> Result:
-        """txt2img; img2img with `image` (+ `strength`); inpainting with `image` and `mask_image`."""
-        started = time.perf_counter()
-        timer = _Timer()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if mask_image is not None and image is None:
-            raise SdtrtError("mask_image was given without image.", "pass the image to inpaint as image=")
-        strength = (1.0 if mask_image is not None else 0.8) if strength is None else strength
-        init_image = mask = None
-        if image is not None:
-            init_image, mask, height, width = self._load_images(image, mask_image, height, width, resize)
-        height = height or self.model.meta["default_size"][0]
-        width = width or self.model.meta["default_size"][1]
-        negatives = self._check(prompts, negative_prompt, num_images_per_prompt, steps, guidance_scale, guidance_rescale,
-                                height, width, clip_skip, seed, generator, image is not None, strength, prompt_syntax)
-        cfg = guidance_scale > 1.0
-        name = scheduler or self.default_scheduler
-        sched = schedulers.make(name, self.model.scheduler_config, **dict(scheduler_options or {}))
-        sched.set_timesteps(steps)
-        if image is not None:  # strength: skip the first (1 - strength) of the schedule, as diffusers does
-            t_start = max(steps - min(int(steps * strength), steps), 0)
-            if t_start >= steps:
-                raise SdtrtError(f"strength={strength} with {steps} steps leaves no denoising step.",
-                                 f"raise strength to at least {1 / steps:.3g} or use more steps")
-            sched.set_begin_index(t_start * sched.order)
+    def run(self, request: Request, *, generator=None, progress: bool = True, cancel: threading.Event | None = None,
+            callback: Callable[[int, int], None] | None = None) -> Result:
+        clock = _Clock(self.device)
+        started = clock.now()
+        request = self.check(request, generator)
+        init_image, mask, request = self._inputs(request)
+        self._local.request = request
         if generator is None:
-            seed = seed if seed is not None else secrets.randbits(32)
+            seed = request.seed if request.seed is not None else secrets.randbits(32)
+            request = request.replace(seed=seed)
             generator = torch.Generator("cpu").manual_seed(seed)
-        batch = len(prompts) * num_images_per_prompt
-        unet_in = int(self.model.meta["unet_in_channels"])
+        sched, timesteps = self._schedule(request, init_image is not None)
 
-        t0 = time.perf_counter()
-        embeddings = self._text_embeddings(prompts, negatives if cfg else None, num_images_per_prompt, clip_skip, prompt_syntax)
-        timer.add("text_encoder", time.perf_counter() - t0)
-        self.backend.check_shapes("unet", {"sample": (embeddings.shape[0], unet_in, height // 8, width // 8),
-                                           "encoder_hidden_states": tuple(embeddings.shape)})
+        t0 = clock.now()
+        conditioning = self.family.conditioning(_Text(self), request, self.config)
+        self._check_finite("text_encoder", conditioning["encoder_hidden_states"])
+        clock.add("text_encoder", clock.now() - t0)
+        unet_dtypes = {k: self.backend.input_dtype("unet", k) for k in conditioning}
+        conditioning = {k: v.to(self.device, unet_dtypes[k]) for k, v in conditioning.items()}
+        in_channels = self.model.specs["unet"].tensor("sample").dims[1]
+        self.backend.check_shapes("unet", {"sample": (next(iter(conditioning.values())).shape[0], in_channels,
+                                                      request.height // VAE_FACTOR, request.width // VAE_FACTOR),
+                                           **{k: tuple(v.shape) for k, v in conditioning.items()}})
 
-        t0 = time.perf_counter()
-        shape = (batch, int(self.model.meta["latent_channels"]), height // VAE_FACTOR, width // VAE_FACTOR)
-        inpaint = None
-        if mask is not None:
-            latents, inpaint = self._inpaint_start(init_image, mask, shape, sched, generator, strength, cfg, unet_in)
-        elif init_image is not None:
-            start = self._vae_latents(init_image, generator)
-            start = torch.cat([start] * (batch // start.shape[0])) if batch > start.shape[0] else start
-            latents = sched.add_noise(start, randn(shape, generator, self.device, torch.float32))
-        else:
-            latents = randn(shape, generator, self.device, torch.float32) * sched.init_noise_sigma
-        timer.add("prepare", time.perf_counter() - t0)
-        calls_before = len(sched.remaining_timesteps)
+        t0 = clock.now()
+        latents, hooks = self._start(request, init_image, mask, sched, generator, in_channels)
+        clock.add("prepare", clock.now() - t0)
 
-        t0 = time.perf_counter()
-        latents = self._denoise(latents, embeddings, sched, guidance_scale, guidance_rescale, generator, timer, progress, inpaint)
-        timer.add("denoise", time.perf_counter() - t0)
-        timer.times["unet_calls"] = calls_before
+        hooks = list(hooks)
+        if progress:
+            hooks.append(ProgressHook(len(timesteps)))
+        if cancel is not None:
+            hooks.append(CancelHook(cancel))
+        if callback is not None:
+            hooks.append(CallbackHook(callback))
+        hooks.append(_StampHook(clock))
+        sample_dtype = self.backend.input_dtype("unet", "sample")
 
-        t0 = time.perf_counter()
-        decoded = self._decode(latents)
-        images = to_pil(decoded) if output_type == "pil" else decoded.float()
-        timer.add("vae_decoder", time.perf_counter() - t0)
-        timer.times["total"] = time.perf_counter() - started
-        timer.times["step_seconds"] = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
-        params = [{
-            "prompt": prompts[i // num_images_per_prompt],
-            "negative_prompt": negatives[i // num_images_per_prompt] if negatives else None,
-            "steps": steps, "sampler": schedulers.display_name(name), "guidance_scale": guidance_scale, "seed": seed,
-            "height": height, "width": width, "model_hash": self.model.model_hash, "clip_skip": clip_skip,
-            "strength": strength if image is not None else None,
-        } for i in range(batch)]
-        return Result(images, timer.times, seed, params)
+        def unet(feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+            feeds["sample"] = feeds["sample"].to(sample_dtype)
+            return self._run("unet", feeds)["latent"]
 
-    def _inpaint_start(self, init_image, mask_condition, shape, sched, generator, strength: float, cfg: bool, unet_in: int):
-        """Start latents and loop state for inpainting, consuming the generator in diffusers' order:
-        image latents (when needed), start noise, then the masked image's latents."""
-        batch = shape[0]
-        nine = unet_in == 9
-        full = strength == 1.0
-        image_latents = None
-        if not nine or not full:
-            image_latents = self._vae_latents(init_image, generator)
-            image_latents = image_latents.repeat(batch // image_latents.shape[0], 1, 1, 1)
-        noise = randn(shape, generator, self.device, torch.float32)
-        latents = noise * sched.init_noise_sigma if full else sched.add_noise(image_latents, noise)
-        masked_image = init_image * (mask_condition < 0.5)
-        mask = torch.nn.functional.interpolate(mask_condition, size=shape[2:]).to(self.device)
-        masked_latents = self._vae_latents(masked_image, generator)
-        if mask.shape[0] < batch:
-            mask = mask.repeat(batch // mask.shape[0], 1, 1, 1)
-        if masked_latents.shape[0] < batch:
-            masked_latents = masked_latents.repeat(batch // masked_latents.shape[0], 1, 1, 1)
-        if cfg:
-            mask, masked_latents = torch.cat([mask] * 2), torch.cat([masked_latents] * 2)
-        return latents, _Inpaint(mask, masked_latents, image_latents, noise, nine)
+        t0 = clock.now()
+        clock.stamps.append(t0)
+        latents = denoise(latents, sched, clock.timed_unet(unet), conditioning, timesteps, guidance_scale=request.guidance_scale,
+                          guidance_rescale=request.guidance_rescale, generator=generator, hooks=hooks)
+        clock.add("denoise", clock.now() - t0)
+        clock.finish_unet()
+        clock.times["unet_calls"] = len(timesteps)
+        self._check_finite("unet", latents)
 
-    def _load_images(self, image, mask_image, height, width, resize: bool):
-        """Image (and mask) as model inputs; sizes checked, resized only when asked (or told the size)."""
-        from .images import load_image, load_mask
+        images, tensors = [], None
+        clock.add("vae_decoder", 0.0)
+        if request.output_type != "latent":
+            t0 = clock.now()
+            z = self.family.unscale_latents(self.config, latents).to(self.backend.input_dtype("vae_decoder", "latent"))
+            decoded = self._run("vae_decoder", {"latent": z})["images"]
+            self._check_finite("vae_decoder", decoded)
+            if request.output_type == "pil":
+                images = to_pil(decoded)
+            else:
+                tensors = (decoded.float() / 2 + 0.5).clamp(0, 1)
+            clock.add("vae_decoder", clock.now() - t0)
+        clock.times["total"] = clock.now() - started
+        clock.times["step_seconds"] = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+        return Result(images, clock.times, request.seed, self._parameters(request, sched),
+                      tensors=tensors, latents=latents if request.output_type == "latent" else None)
 
-        if "vae_encoder" not in self.backend.components():
-            hint = ("rebuild the engines with --components text_encoder,unet,vae_decoder,vae_encoder (the ONNX dir needs it too)"
-                    if self.model.kind == "engines" else "re-export with --components text_encoder,unet,vae_decoder,vae_encoder")
-            raise SdtrtError(f"{self.model.root} has no VAE encoder, which img2img and inpainting need.", hint)
-        if mask_image is not None and int(self.model.meta["unet_in_channels"]) not in (4, 9):
-            raise SdtrtError("this UNet takes neither 4 nor 9 input channels; it cannot inpaint.", "use an SD or SD-inpainting model")
-        init, height, width = load_image(image, height, width, resize)
-        mask = load_mask(mask_image, height, width, resize, init_size=(init.shape[3], init.shape[2])) if mask_image is not None else None
-        return init, mask, height, width
+    # --- checks -----------------------------------------------------------------------------------
 
-    def _check(self, prompts, negative_prompt, per_prompt, steps, guidance_scale, guidance_rescale, height, width,
-               clip_skip, seed, generator, has_image: bool, strength: float, syntax: str) -> list[str]:
-        """Validate a call; returns the negative prompts, one per prompt. Every error names the fix."""
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise SdtrtError("prompt must be a string or a non-empty list of strings.", "pass prompt='a watercolor fox' or a list of such strings")
-        if isinstance(negative_prompt, str) or negative_prompt is None:
-            negatives = [negative_prompt or ""] * len(prompts)
-        else:
-            negatives = list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise SdtrtError(f"{len(negatives)} negative prompts for {len(prompts)} prompts.",
-                                 "pass one negative prompt per prompt, or a single string for all")
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % VAE_FACTOR:
-                raise SdtrtError(f"{name}={v} is not a positive multiple of {VAE_FACTOR}.", f"use {name}={nearest_sizes(v if isinstance(v, (int, float)) and v > 0 else 8)}")
-        if not isinstance(steps, int) or steps < 1:
-            raise SdtrtError(f"steps={steps!r} is not a positive integer.", "pass steps=1 or more (25-50 is typical)")
-        if not isinstance(per_prompt, int) or per_prompt < 1:
-            raise SdtrtError(f"num_images_per_prompt={per_prompt!r} is not a positive integer.", "pass 1 or more")
-        for name, v in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
-            if not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
-                raise SdtrtError(f"{name}={v!r} must be a number >= 0.", f"pass e.g. {name}={7.5 if name == 'guidance_scale' else 0.7} ({'<= 1 turns guidance off' if name == 'guidance_scale' else '0 turns it off'})")
-        if guidance_rescale > 1:
-            raise SdtrtError(f"guidance_rescale={guidance_rescale} is above 1.", "pass a value in [0, 1] (0.7 is the paper's)")
-        if has_image and (not isinstance(strength, (int, float)) or math.isnan(strength) or not 0 < strength <= 1):
-            raise SdtrtError(f"strength={strength!r} is outside (0, 1].", "pass a value in (0, 1]: low keeps the image, 1 repaints it fully")
-        if syntax not in prompt_weights.SYNTAXES:
-            raise SdtrtError(f"unknown prompt_syntax {syntax!r}.", "use 'plain' (diffusers: truncate at 77, brackets are text) or 'a1111' (weights, long prompts)")
-        kmax = int(self.model.meta["clip_skip_max"])
-        if clip_skip is not None and (not isinstance(clip_skip, int) or not 1 <= clip_skip <= kmax):
-            raise SdtrtError(f"clip_skip={clip_skip!r} is not available: this export provides clip_skip 1..{kmax}.",
-                             "pass clip_skip=None (no skip) or a value in that range")
-        if seed is not None and generator is not None:
+    def check(self, request: Request, generator=None) -> Request:
+        """Validate `request` against this model (and the generator against the batch); every error names the fix."""
+        request.check()
+        self.family.check_request(request, self.config)
+        kmax = self.family.clip_skip_max(self.config)
+        if request.clip_skip is not None and request.clip_skip > kmax:
+            raise InvalidRequest("clip_skip", request.clip_skip, f"is not available: this export provides clip_skip 1..{kmax}", kmax,
+                                 "or None for no skip")
+        if request.seed is not None and generator is not None:
             raise SdtrtError("both seed and generator were given.", "pass one of them")
-        images = len(prompts) * per_prompt if isinstance(per_prompt, int) else None
-        if isinstance(generator, (list, tuple)) and len(generator) not in (1, images):
-            raise SdtrtError(f"{len(generator)} generators for {images} images.", "pass one generator per image, or a single one")
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise SdtrtError(f"seed={seed!r} must be a non-negative integer.", "pass e.g. seed=42")
-        missing = {"text_encoder", "unet", "vae_decoder"} - self.backend.components()
+        if isinstance(generator, (list, tuple)) and len(generator) not in (1, request.batch):
+            raise SdtrtError(f"{len(generator)} generators for {request.batch} images.", "pass one generator per image, or a single one")
+        missing = set(self.family.default_components(self.config)) - self.backend.components()
         if missing:
             raise SdtrtError(f"{self.model.root} lacks {', '.join(sorted(missing))}.", "export/build it with the default components")
-        return negatives
+        return request
 
+    def _check_finite(self, stage: str, x: torch.Tensor) -> None:
+        if bool(torch.isfinite(x).all()):
+            return
+        precision = {c: self.model.dtype(c) for c in self.model.files}
+        fix = {"vae_decoder": "use an fp32 VAE: re-export without --fp16-vae" if precision.get("vae_decoder") == "fp16"
+               else "lower guidance_scale, or re-export in fp32 (--dtype fp32)",
+               "unet": "re-export in fp32 (--dtype fp32), or lower guidance_scale",
+               "text_encoder": "re-export in fp32 (--dtype fp32)"}[stage]
+        raise SdtrtError(f"the {stage} produced NaN/inf ({precision.get(stage, 'fp32')}); no image was written.", fix)
 
-def _progress(items, enabled: bool):
-    if not enabled:
-        return items
-    from ..progress import progress
+    # --- stages ----------------------------------------------------------------------------------
 
-    bar = progress(total=len(items), desc="denoise", unit="step")
+    def _run(self, component: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        try:
+            return self.backend.run(component, feeds)
+        except OutOfMemory as e:
+            raise self._out_of_memory(e) from None
 
-    def gen():
-        for x in items:
-            yield x
-            bar.update()
-        bar.close()
+    def _out_of_memory(self, e: OutOfMemory) -> SdtrtError:
+        r = getattr(self._local, "request", None)
+        if r is None:
+            return e
+        native = self.family.default_size(self.config)
+        fits = e.largest_side(max(r.height, r.width))
+        hint = f"at most about {fits}x{fits} fits here" if fits else "a smaller size fits"
+        return OutOfMemory(e.component,
+                           f"the {e.component} ran out of memory at {r.width}x{r.height} with {r.batch} image(s) per call "
+                           f"(the model's native size is {native[1]}x{native[0]}; {hint}).",
+                           "pass smaller height/width, or fewer prompts/num_images_per_prompt per call",
+                           cli_fix="pass a smaller --height/--width, or fewer prompts / --num-images per call")
 
-    return gen()
+    def _inputs(self, request: Request):
+        """Load image and mask; resolve height/width (the image's, or the model's native size) and strength."""
+        from .images import load_image, load_mask
+
+        init = mask = None
+        height, width = request.height, request.width
+        if request.image is not None:
+            latent_channels = self.family.latent_channels(self.config)
+            if isinstance(request.image, torch.Tensor) and request.image.dim() == 4 and request.image.shape[1] == latent_channels:
+                init = request.image.float().to(self.device)  # latents: a base model's hand-off
+                height, width = init.shape[2] * VAE_FACTOR, init.shape[3] * VAE_FACTOR
+            else:
+                if "vae_encoder" not in self.backend.components():
+                    wanted = ",".join([*self.model.files, "vae_encoder"])
+                    hint = (f"rebuild the engines with --components {wanted} (the ONNX dir needs it too)"
+                            if self.model.kind == "engines" else f"re-export with --components {wanted}")
+                    raise SdtrtError(f"{self.model.root} has no VAE encoder, which img2img and inpainting need.", hint)
+                init, height, width = load_image(request.image, height, width, request.resize)
+                if request.mask_image is not None:
+                    mask = load_mask(request.mask_image, height, width, request.resize, init_size=(init.shape[3], init.shape[2]))
+        native = self.family.default_size(self.config)
+        height = height if height is not None else native[0]
+        width = width if width is not None else native[1]
+        strength = request.effective_strength if request.image is not None else None
+        return init, mask, request.replace(height=height, width=width, strength=strength)
+
+    def _schedule(self, r: Request, from_image: bool) -> tuple[schedulers.Scheduler, torch.Tensor]:
+        """A fresh scheduler and the timesteps this call runs (strength / denoising_start skip the start of
+        the schedule, denoising_end stops early), as diffusers' pipelines choose them."""
+        name = r.scheduler or self.default_scheduler
+        sched = schedulers.make(name, self.model.meta.scheduler_config, **dict(r.scheduler_options))
+        sched.set_timesteps(r.steps)
+        train = sched.config.num_train_timesteps
+        if from_image and r.denoising_start is not None:
+            cutoff = int(round(train - r.denoising_start * train))
+            n = int((sched.timesteps < cutoff).sum())
+            if sched.order == 2 and n % 2 == 0:
+                n += 1  # end after a second-order step's second half, as diffusers does
+            sched.set_begin_index(len(sched.timesteps) - n)
+        elif from_image:
+            t_start = max(r.steps - min(int(r.steps * r.strength), r.steps), 0)
+            if t_start >= r.steps:
+                raise InvalidRequest("strength", r.strength, f"with steps={r.steps} leaves no denoising step",
+                                     round(1 / r.steps + 1e-3, 3), "or use more steps")
+            sched.set_begin_index(t_start * sched.order)
+        timesteps = sched.remaining_timesteps
+        if r.denoising_end is not None:
+            cutoff = int(round(train - r.denoising_end * train))
+            timesteps = timesteps[: int((timesteps >= cutoff).sum())]
+        if len(timesteps) == 0:
+            raise InvalidRequest("denoising_start", r.denoising_start, "leaves no denoising step", 0.8)
+        return sched, timesteps
+
+    def _start(self, r: Request, init, mask, sched, generator, in_channels: int) -> tuple[torch.Tensor, list[StepHook]]:
+        shape = (r.batch, self.family.latent_channels(self.config), r.height // VAE_FACTOR, r.width // VAE_FACTOR)
+        if init is None:
+            return start.txt2img(shape, sched, generator, self.device), []
+        if mask is not None:
+            job = start.inpaint(init, mask, shape, sched, generator, self.device, self._encode, r.strength, r.cfg,
+                                nine_channel=in_channels > shape[1])
+            return job.latents, [job.hook]
+        if init.shape[1] == shape[1]:  # latents given
+            return start.img2img(init, shape, sched, generator, self.device, add_noise=r.denoising_start is None), []
+        return start.img2img(self._encode(init, generator), shape, sched, generator, self.device,
+                             add_noise=r.denoising_start is None), []
+
+    def _encode(self, images: torch.Tensor, generator) -> torch.Tensor:
+        """Scaled latents sampled from the VAE's posterior, (mean + std * noise), drawing the noise as
+        diffusers does (one row per generator for a list)."""
+        x = images.to(device=self.device, dtype=self.backend.input_dtype("vae_encoder", "images"))
+        if isinstance(generator, (list, tuple)) and len(generator) > 1:
+            return torch.cat([self._encode(x[i : i + 1], g) for i, g in enumerate(generator[: x.shape[0]])])
+        out = self._run("vae_encoder", {"images": x})
+        mean, std = out["latent_mean"].float(), out["latent_std"].float()
+        return self.family.scale_latents(self.config, mean + std * randn(mean.shape, generator, self.device, torch.float32))
+
+    def _parameters(self, r: Request, sched) -> list[dict[str, Any]]:
+        negatives = r.negatives
+        n = r.num_images_per_prompt
+        return [{
+            "prompt": r.prompts[i // n],
+            "negative_prompt": negatives[i // n] if negatives and r.cfg else None,
+            "steps": r.steps, "sampler": schedulers.display_name(r.scheduler or self.default_scheduler),
+            "guidance_scale": r.guidance_scale, "seed": r.seed, "height": r.height, "width": r.width,
+            "model_hash": self.model.model_hash, "clip_skip": r.clip_skip, "strength": r.strength,
+        } for i in range(r.batch)]
+

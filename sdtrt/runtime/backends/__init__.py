@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import SdtrtError
-from ..artifacts import ModelDir
+from ...artifacts import ModelDir
 from .base import Backend
 
 BACKENDS = ("onnxruntime", "tensorrt")

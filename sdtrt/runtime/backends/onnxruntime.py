@@ -7,13 +7,13 @@ binding and outputs, so one backend serves concurrent pipeline calls.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import torch
 
-from ...components import COMPONENTS, output_shapes
-from ...errors import SdtrtError, require
-from ..artifacts import ModelDir
+from ...artifacts import ModelDir
+from ...errors import OutOfMemory, SdtrtError, require
 from .base import TORCH_DTYPES
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -42,13 +42,13 @@ class OnnxRuntimeBackend:
                              "pip uninstall onnxruntime && pip install 'sdtrt[onnxruntime-gpu]' (or use device='cpu')")
         if graph_optimization_level not in OPT_LEVELS:
             raise SdtrtError(f"unknown graph_optimization_level {graph_optimization_level!r}.", f"use one of {', '.join(OPT_LEVELS)}")
-        self._fixed = model.fixed_sizes
         self._ort_device = (self.device.type, self.device.index or 0)
         self._shape_cache: dict[tuple, dict[str, tuple[int, ...]]] = {}
         self._sessions: dict[str, Any] = {}
+        self._specs = model.specs
         self._dtypes: dict[str, dict[str, torch.dtype]] = {}
-        wanted = components or set(model.components)
-        for name in sorted(wanted & set(model.components)):
+        wanted = components or set(model.files)
+        for name in sorted(wanted & set(model.files)):
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = inter_op_threads
@@ -56,9 +56,15 @@ class OnnxRuntimeBackend:
             opts.log_severity_level = 3
             for key, value in (session_config or {}).items():
                 opts.add_session_config_entry(key, value)
-            self._sessions[name] = ort.InferenceSession(str(model.root / model.components[name]["path"]), opts,
-                                                        providers=providers or self._providers())
-            self._dtypes[name] = {t: TORCH_DTYPES[i["dtype"]] for t, i in {**model.components[name]["inputs"], **model.components[name]["outputs"]}.items()}
+            path = model.root / model.files[name].path
+            try:
+                self._sessions[name] = ort.InferenceSession(str(path), opts, providers=providers or self._providers())
+            except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own exception types for damaged files
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise SdtrtError(f"ONNX Runtime cannot load {path}: {first[:300]}",
+                                 f"re-export the model: sdtrt export {model.meta.source.path} --out {model.root} --force") from None
+            spec, precision = self._specs[name], model.dtype(name)
+            self._dtypes[name] = {t.name: TORCH_DTYPES[t.concrete_dtype(precision)] for t in spec.inputs + spec.outputs}
 
     def _providers(self) -> list:
         if self.device.type == "cuda":
@@ -81,7 +87,7 @@ class OnnxRuntimeBackend:
         key = (component, *(tuple(v.shape) for v in feeds.values()))
         shapes = self._shape_cache.get(key)
         if shapes is None:  # derived once per distinct input shapes, not per denoising step
-            shapes = output_shapes(COMPONENTS[component], {k: tuple(v.shape) for k, v in feeds.items()}, self._fixed)
+            shapes = self._specs[component].output_shapes({k: tuple(v.shape) for k, v in feeds.items()})
             self._shape_cache[key] = shapes
         binding = _Binding(session, self._ort_device)  # one per call: concurrent calls never share bindings
         inputs = [x.contiguous() for x in feeds.values()]  # kept referenced until the run returns
@@ -93,7 +99,13 @@ class OnnxRuntimeBackend:
             out = torch.empty(shape, dtype=dtypes[name], device=self.device)
             binding.bind_output(name, _NP[out.dtype], shape, out.data_ptr())
             outputs[name] = out
-        self._execute(binding)
+        try:
+            self._execute(binding)
+        except RuntimeError as e:
+            if "Failed to allocate memory" in str(e) or "bad_alloc" in str(e):
+                size = re.search(r"buffer of size (\d+)", str(e))
+                raise OutOfMemory(component, requested=int(size.group(1)) if size else None) from None
+            raise
         return outputs
 
     def _execute(self, binding: "_Binding") -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ...components import COMPONENTS, VAE_FACTOR
+from ...models.spec import VAE_FACTOR, ComponentSpec
 from ...errors import SdtrtError
 
 # symbol -> (what the user calls it, build flag that widens it, multiplier to the flag's unit)
 _USER_TERMS = {
-    "B": ("batch (prompts plus negative prompts for the text encoder)", "--batch", 1),
+    "B": ("batch (images)", "--batch", 1),
+    "T": ("text-encoder batch (prompts plus negative prompts, x prompt chunks)", "--batch", 1),
     "B2": ("UNet batch (2 x images with guidance on)", "--batch", 1),
     "h": ("height", "--height", VAE_FACTOR),
     "w": ("width", "--width", VAE_FACTOR),
@@ -19,14 +20,14 @@ _USER_TERMS = {
 }
 
 
-def check_profile(component: str, engine: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], rebuild: str) -> None:
-    """Raise SdtrtError naming the profile's range and the build flag that widens it."""
-    spec = COMPONENTS[component]
+def check_profile(spec: ComponentSpec, profile: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], rebuild: str) -> None:
+    """Raise SdtrtError naming the profile's range (input -> [min, opt, max]) and the build flag that widens it."""
+    component = spec.name
     for t in spec.inputs:
         if t.name not in shapes:
             continue
-        info = engine["inputs"][t.name]
-        for axis, (value, lo, hi) in enumerate(zip(shapes[t.name], info["min"], info["max"])):
+        lo_shape, _, hi_shape = profile[t.name]
+        for axis, (value, lo, hi) in enumerate(zip(shapes[t.name], lo_shape, hi_shape)):
             if lo <= value <= hi:
                 continue
             what, flag, scale = _USER_TERMS.get(t.dims[axis], (f"dimension {axis}", "the build flags", 1))

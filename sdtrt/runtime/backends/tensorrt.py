@@ -18,16 +18,15 @@ from typing import Any, Mapping
 
 import torch
 
+from ...artifacts import ModelDir
 from ...errors import SdtrtError
 from ...files import file_sha256
-from ..artifacts import ModelDir
 from .base import TORCH_DTYPES
 from .profile_check import check_profile
 
 
 def _rebuild(model: ModelDir) -> str:
-    m = model.manifest
-    return f"sdtrt build {m['source']['onnx_dir']} --out {model.root} --force --backend {m['backend']['name']}"
+    return model.manifest.rebuild_command(model.root)
 
 
 def preflight(model: ModelDir, verify: bool = True):
@@ -35,17 +34,17 @@ def preflight(model: ModelDir, verify: bool = True):
     from ...engines.toolkit import load_toolkit
 
     m = model.manifest
-    tk = load_toolkit(m["backend"]["name"])  # names the pip extra if the library is missing
-    built, installed = m["backend"]["version"], tk.version
+    tk = load_toolkit(m.backend.name)  # names the pip extra if the library is missing
+    built, installed = m.backend.version, tk.version
     if built != installed:
         raise SdtrtError(
             f"the engines in {model.root} were built with {tk.display} {built}, but {installed} is installed; "
             "an engine only loads in the exact version that built it.",
             f"rebuild them: {_rebuild(model)}   (or install the version that built them: pip install {tk.name}=={built})")
     if verify:
-        for name, entry in m["engines"].items():
-            path = model.root / entry["path"]
-            if not path.is_file() or file_sha256(path) != entry["sha256"]:
+        for name, entry in m.engines.items():
+            path = model.root / entry.path
+            if not path.is_file() or file_sha256(path) != entry.sha256:
                 raise SdtrtError(f"{path} does not match engines.json (missing, changed or damaged since it was built).",
                                  f"rebuild: {_rebuild(model)}")
     return tk
@@ -55,14 +54,14 @@ def _check_gpu(model: ModelDir, device: torch.device) -> None:
 
     if not torch.cuda.is_available():
         raise SdtrtError("running TensorRT engines needs an NVIDIA GPU, and none is visible here.",
-                         f"run the ONNX directory instead: Pipeline.load({model.manifest['source']['onnx_dir']!r}, backend='onnxruntime'), or use a GPU machine")
+                         f"run the ONNX directory instead: Pipeline.load({model.manifest.onnx_dir!r}, backend='onnxruntime'), or use a GPU machine")
     major, minor = torch.cuda.get_device_capability(device)
     here = f"sm{major}{minor}"
     m = model.manifest
-    targets = m["targets"]
+    targets = m.targets
     if here not in targets:
         raise SdtrtError(f"the engines in {model.root} were built for {', '.join(targets)}; this GPU is {here}.",
-                         f"rebuild for it: {_rebuild(model)} --target {here}" if m["backend"]["name"] == "tensorrt-rtx"
+                         f"rebuild for it: {_rebuild(model)} --target {here}" if m.backend.name == "tensorrt-rtx"
                          else f"rebuild on this machine: {_rebuild(model)}")
 
 
@@ -78,11 +77,12 @@ class TensorRTBackend:
         trt = self.tk.trt
         self.logger = self.tk.logger()
         self._runtime = trt.Runtime(self.logger)
-        self._manifest = model.manifest["engines"]
+        self._manifest = model.manifest.engines
+        self._specs = model.specs
         wanted = components or set(self._manifest)
         self._engines = {}
         for name in sorted(wanted & set(self._manifest)):
-            data = (model.root / self._manifest[name]["path"]).read_bytes()
+            data = (model.root / self._manifest[name].path).read_bytes()
             engine = self._runtime.deserialize_cuda_engine(data)
             if engine is None:
                 raise SdtrtError(f"{self.tk.display} could not load {name}: " + "; ".join(self.logger.errors or ["no message"]),
@@ -124,10 +124,13 @@ class TensorRTBackend:
         return set(self._engines)
 
     def input_dtype(self, component: str, tensor: str) -> torch.dtype:
-        return TORCH_DTYPES[self._manifest[component]["inputs"][tensor]["dtype"]]
+        return self._dtype(component, tensor)
+
+    def _dtype(self, component: str, tensor: str) -> torch.dtype:
+        return TORCH_DTYPES[self._specs[component].tensor(tensor).concrete_dtype(self._manifest[component].dtype)]
 
     def check_shapes(self, component: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        check_profile(component, self._manifest[component], shapes, _rebuild(self.model))
+        check_profile(self._specs[component], self._manifest[component].profile, shapes, _rebuild(self.model))
 
     def run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check_shapes(component, {k: tuple(v.shape) for k, v in feeds.items()})
@@ -152,8 +155,8 @@ class TensorRTBackend:
             ctx.set_tensor_address(name, x.data_ptr())
         if outputs is None:
             outputs = {}
-            for name, info in self._manifest[component]["outputs"].items():
-                outputs[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=TORCH_DTYPES[info["dtype"]], device=self.device)
+            for name in self._specs[component].output_names:
+                outputs[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self._dtype(component, name), device=self.device)
         for name, out in outputs.items():
             ctx.set_tensor_address(name, out.data_ptr())
         if not ctx.execute_async_v3(stream.cuda_stream):

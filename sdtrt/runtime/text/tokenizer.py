@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .text_cleaning import WHITESPACE, clean
+from .cleaning import WHITESPACE, clean
 
 log = logging.getLogger("sdtrt")
 

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_dir
-from .errors import SdtrtError, require
+from ..files import atomic_dir
+from ..errors import SdtrtError, require
 
 _SD_SCHEDULER = {  # the scheduler_config.json of the SD 1.x / 2.x base checkpoints
     "beta_start": 0.00085,
@@ -273,9 +273,9 @@ def build_components(preset: Preset, seed: int, device: str = "cpu") -> dict[str
     with torch.device(device):
         torch.manual_seed(seed)
         unet = diffusers.UNet2DConditionModel(**preset.unet)
-        torch.manual_seed(seed + 1)
+        torch.manual_seed((seed + 1) % 2**64)
         vae = diffusers.AutoencoderKL(**preset.vae)
-        torch.manual_seed(seed + 2)
+        torch.manual_seed((seed + 2) % 2**64)
         text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**preset.text_encoder))
     # from_config keeps unknown keys in the saved config, as the real checkpoints have them
     scheduler = getattr(diffusers, preset.scheduler_class).from_config(preset.scheduler)
