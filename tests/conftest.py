@@ -61,3 +61,34 @@ def tiny_sd2_onnx(tiny_sd2_model, tmp_path_factory) -> Path:
     from sdtrt.export import export_model
 
     return export_model(tiny_sd2_model, tmp_path_factory.mktemp("onnx") / "sd2", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> Path:
+    from sdtrt.models.presets import make_model
+
+    return make_model("tiny-sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_onnx(tiny_sdxl_model, tmp_path_factory) -> Path:
+    """fp32 export of both text encoders, the UNet and both VAE halves, validated."""
+    from sdtrt.export import export_model
+
+    return export_model(tiny_sdxl_model, tmp_path_factory.mktemp("onnx") / "sdxl",
+                        components=["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"], show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner_model(tmp_path_factory) -> Path:
+    from sdtrt.models.presets import make_model
+
+    return make_model("tiny-sdxl-refiner", tmp_path_factory.mktemp("models") / "tiny-sdxl-refiner", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner_onnx(tiny_sdxl_refiner_model, tmp_path_factory) -> Path:
+    from sdtrt.export import export_model
+
+    return export_model(tiny_sdxl_refiner_model, tmp_path_factory.mktemp("onnx") / "sdxl-refiner",
+                        components=["text_encoder_2", "unet", "vae_decoder", "vae_encoder"], show_progress=False)

@@ -48,7 +48,7 @@ def _sample(spec: ComponentSpec, t: TensorSpec, shape: tuple[int, ...], g: torch
     if t.sample == "image":
         return torch.rand(shape, generator=g) * 2 - 1
     if t.sample in spec.sample_values:
-        return torch.tensor([spec.sample_values[t.sample]]).expand(shape).contiguous()
+        return torch.tensor([spec.sample_values[t.sample]], dtype=torch.float32).expand(shape).contiguous()
     return torch.randn(shape, generator=g)
 
 

@@ -43,6 +43,16 @@ _SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2
 _SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
 
 
+_SD_PIPELINE = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+    config: dict[str, Any]  # transformers CLIPTextConfig
+    pad_token: str  # OpenAI CLIP (SD 1.x, SDXL's first) pads with <|endoftext|>; OpenCLIP (SD 2.x, SDXL's second) with "!" (id 0)
+    projection: bool = False  # CLIPTextModelWithProjection: SDXL's second encoder, whose pooled output conditions the UNet
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
     name: str
@@ -50,15 +60,19 @@ class Preset:
     pipeline_class: str
     unet: dict[str, Any]
     vae: dict[str, Any]
-    text_encoder: dict[str, Any]
+    text_encoders: dict[str, TextEncoder]  # subfolder -> encoder ("text_encoder", "text_encoder_2")
     scheduler_class: str
     scheduler: dict[str, Any]
-    pad_token: str  # SD 1.x pads with <|endoftext|>; SD 2.x with "!" (id 0)
+    pipeline: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(_SD_PIPELINE))  # extra pipeline arguments
 
     @property
     def default_size(self) -> int:
         """Pixels per side the model was trained at (latent sample_size times the VAE factor 8)."""
         return int(self.unet["sample_size"]) * 8
+
+    @property
+    def pad_token(self) -> str:
+        return next(iter(self.text_encoders.values())).pad_token
 
 
 def _tiny_unet(**over: Any) -> dict[str, Any]:
@@ -89,18 +103,68 @@ _TINY_VAE = {
 }
 
 
-def _tiny_text(hidden_act: str) -> dict[str, Any]:
+def _tiny_text(hidden_act: str, layers: int = 3) -> dict[str, Any]:
     # vocab_size stays 49408 so that every id the real tokenizer produces is valid.
     return {
         "vocab_size": 49408,
         "hidden_size": 32,
         "intermediate_size": 37,
         "num_attention_heads": 4,
-        "num_hidden_layers": 3,
+        "num_hidden_layers": layers,
         "max_position_embeddings": 77,
         "projection_dim": 32,
         "hidden_act": hidden_act,
     }
+
+
+_CLIP_L = {  # OpenAI CLIP ViT-L/14's text tower: SD 1.x, and SDXL's first encoder
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "max_position_embeddings": 77,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+
+_CLIP_BIG_G = {  # OpenCLIP ViT-bigG/14's text tower: SDXL's second encoder (with its 1280 x 1280 projection)
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "max_position_embeddings": 77,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
+_SDXL_SCHEDULER = {**_SD_SCHEDULER, "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False,
+                   "sample_max_value": 1.0, "prediction_type": "epsilon"}
+_SDXL_VAE = {"scaling_factor": 0.13025, "force_upcast": True}  # fp16 overflows: diffusers upcasts it
+
+
+def _tiny_sdxl_unet(context: int, time_ids: int, **over: Any) -> dict[str, Any]:
+    """SDXL's UNet shape (added text/time embeddings, linear projections, deeper transformers further
+    down) at toy size; the added embedding takes `time_ids` x 8 time features + 32 pooled text."""
+    cfg = {
+        "sample_size": 8,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "layers_per_block": 1,
+        "attention_head_dim": [2, 4],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "transformer_layers_per_block": [1, 2],
+        "projection_class_embeddings_input_dim": time_ids * 8 + 32,
+        "cross_attention_dim": context,
+        "norm_num_groups": 32,
+    }
+    cfg.update(over)
+    return cfg
 
 
 PRESETS: dict[str, Preset] = {
@@ -112,10 +176,9 @@ PRESETS: dict[str, Preset] = {
             pipeline_class="StableDiffusionPipeline",
             unet=_tiny_unet(),
             vae=_TINY_VAE,
-            text_encoder=_tiny_text("quick_gelu"),
+            text_encoders={"text_encoder": TextEncoder(_tiny_text("quick_gelu"), "<|endoftext|>")},
             scheduler_class="PNDMScheduler",
             scheduler=_SD_SCHEDULER,
-            pad_token="<|endoftext|>",
         ),
         Preset(
             name="tiny-sd2",
@@ -123,10 +186,9 @@ PRESETS: dict[str, Preset] = {
             pipeline_class="StableDiffusionPipeline",
             unet=_tiny_unet(use_linear_projection=True, attention_head_dim=[2, 4], upcast_attention=True),
             vae=_TINY_VAE,
-            text_encoder=_tiny_text("gelu"),
+            text_encoders={"text_encoder": TextEncoder(_tiny_text("gelu"), "!")},
             scheduler_class="DDIMScheduler",
             scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
-            pad_token="!",
         ),
         Preset(
             name="tiny-inpaint",
@@ -134,10 +196,9 @@ PRESETS: dict[str, Preset] = {
             pipeline_class="StableDiffusionInpaintPipeline",
             unet=_tiny_unet(in_channels=9),
             vae=_TINY_VAE,
-            text_encoder=_tiny_text("quick_gelu"),
+            text_encoders={"text_encoder": TextEncoder(_tiny_text("quick_gelu"), "<|endoftext|>")},
             scheduler_class="PNDMScheduler",
             scheduler=_SD_SCHEDULER,
-            pad_token="<|endoftext|>",
         ),
         Preset(
             name="sd15",
@@ -154,19 +215,9 @@ PRESETS: dict[str, Preset] = {
                 "norm_num_groups": 32,
             },
             vae={**_SD_VAE, "sample_size": 512},
-            text_encoder={
-                "vocab_size": 49408,
-                "hidden_size": 768,
-                "intermediate_size": 3072,
-                "num_attention_heads": 12,
-                "num_hidden_layers": 12,
-                "max_position_embeddings": 77,
-                "projection_dim": 768,
-                "hidden_act": "quick_gelu",
-            },
+            text_encoders={"text_encoder": TextEncoder(_CLIP_L, "<|endoftext|>")},
             scheduler_class="PNDMScheduler",
             scheduler=_SD_SCHEDULER,
-            pad_token="<|endoftext|>",
         ),
         Preset(
             name="sd21",
@@ -185,7 +236,7 @@ PRESETS: dict[str, Preset] = {
                 "norm_num_groups": 32,
             },
             vae={**_SD_VAE, "sample_size": 768},
-            text_encoder={
+            text_encoders={"text_encoder": TextEncoder({
                 "vocab_size": 49408,
                 "hidden_size": 1024,
                 "intermediate_size": 4096,
@@ -194,10 +245,60 @@ PRESETS: dict[str, Preset] = {
                 "max_position_embeddings": 77,
                 "projection_dim": 512,
                 "hidden_act": "gelu",
-            },
+            }, "!")},
             scheduler_class="DDIMScheduler",
             scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
-            pad_token="!",
+        ),
+        Preset(
+            name="tiny-sdxl",
+            description="SDXL-shaped toy model: two text encoders, pooled text + size/crop time ids (64x64 images)",
+            pipeline_class="StableDiffusionXLPipeline",
+            unet=_tiny_sdxl_unet(context=64, time_ids=6),
+            vae={**_TINY_VAE, **_SDXL_VAE},
+            text_encoders={"text_encoder": TextEncoder(_tiny_text("quick_gelu", layers=4), "<|endoftext|>"),
+                           "text_encoder_2": TextEncoder(_tiny_text("gelu", layers=4), "!", projection=True)},
+            scheduler_class="EulerDiscreteScheduler",
+            scheduler=_SDXL_SCHEDULER,
+            pipeline={"force_zeros_for_empty_prompt": True},
+        ),
+        Preset(
+            name="tiny-sdxl-refiner",
+            description="SDXL-refiner-shaped toy model: second text encoder only, aesthetic-score time ids",
+            pipeline_class="StableDiffusionXLImg2ImgPipeline",
+            unet=_tiny_sdxl_unet(context=32, time_ids=5),
+            vae={**_TINY_VAE, **_SDXL_VAE},
+            text_encoders={"text_encoder_2": TextEncoder(_tiny_text("gelu", layers=4), "!", projection=True)},
+            scheduler_class="EulerDiscreteScheduler",
+            scheduler=_SDXL_SCHEDULER,
+            pipeline={"text_encoder": None, "tokenizer": None, "requires_aesthetics_score": True,
+                      "force_zeros_for_empty_prompt": False},
+        ),
+        Preset(
+            name="sdxl",
+            description="SDXL base 1.0 architecture (UNet 2.57B, CLIP ViT-L + OpenCLIP bigG text encoders)",
+            pipeline_class="StableDiffusionXLPipeline",
+            unet={  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+                "sample_size": 128,
+                "block_out_channels": [320, 640, 1280],
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                "layers_per_block": 2,
+                "attention_head_dim": [5, 10, 20],
+                "transformer_layers_per_block": [1, 2, 10],
+                "use_linear_projection": True,
+                "addition_embed_type": "text_time",
+                "addition_embed_type_num_heads": 64,
+                "addition_time_embed_dim": 256,
+                "projection_class_embeddings_input_dim": 2816,
+                "cross_attention_dim": 2048,
+                "norm_num_groups": 32,
+            },
+            vae={**_SD_VAE, **_SDXL_VAE, "sample_size": 1024},
+            text_encoders={"text_encoder": TextEncoder(_CLIP_L, "<|endoftext|>"),
+                           "text_encoder_2": TextEncoder(_CLIP_BIG_G, "!", projection=True)},
+            scheduler_class="EulerDiscreteScheduler",
+            scheduler=_SDXL_SCHEDULER,
+            pipeline={"force_zeros_for_empty_prompt": True},
         ),
     ]
 }
@@ -265,21 +366,24 @@ def write_tokenizer(folder: Path, pad_token: str) -> None:
 
 
 def build_components(preset: Preset, seed: int, device: str = "cpu") -> dict[str, Any]:
-    """Instantiate UNet, VAE, text encoder and scheduler with seeded random weights."""
+    """Instantiate UNet, VAE, text encoder(s) and scheduler with seeded random weights."""
     import torch
 
     diffusers = require("diffusers", "export", "make-model")
     transformers = require("transformers", "export", "make-model")
+    parts: dict[str, Any] = {}
     with torch.device(device):
         torch.manual_seed(seed)
-        unet = diffusers.UNet2DConditionModel(**preset.unet)
+        parts["unet"] = diffusers.UNet2DConditionModel(**preset.unet).eval()
         torch.manual_seed((seed + 1) % 2**64)
-        vae = diffusers.AutoencoderKL(**preset.vae)
-        torch.manual_seed((seed + 2) % 2**64)
-        text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**preset.text_encoder))
+        parts["vae"] = diffusers.AutoencoderKL(**preset.vae).eval()
+        for i, (name, enc) in enumerate(preset.text_encoders.items()):
+            torch.manual_seed((seed + 2 + i) % 2**64)
+            cls = transformers.CLIPTextModelWithProjection if enc.projection else transformers.CLIPTextModel
+            parts[name] = cls(transformers.CLIPTextConfig(**enc.config)).eval()
     # from_config keeps unknown keys in the saved config, as the real checkpoints have them
-    scheduler = getattr(diffusers, preset.scheduler_class).from_config(preset.scheduler)
-    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "scheduler": scheduler}
+    parts["scheduler"] = getattr(diffusers, preset.scheduler_class).from_config(preset.scheduler)
+    return parts
 
 
 def make_model(preset_name: str, out: Path, seed: int = 0, force: bool = False) -> Path:
@@ -290,16 +394,11 @@ def make_model(preset_name: str, out: Path, seed: int = 0, force: bool = False) 
     clip_bpe_path()  # fail before any slow work if the vocabulary is missing
     out = Path(out)
     with atomic_dir(out, force) as tmp:
-        write_tokenizer(tmp / "tokenizer", preset.pad_token)
         parts = build_components(preset, seed)
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tmp / "tokenizer"))
-        pipe_cls = getattr(diffusers, preset.pipeline_class)
-        pipe = pipe_cls(
-            tokenizer=tokenizer,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            **parts,
-        )
+        for name, enc in preset.text_encoders.items():
+            folder = name.replace("text_encoder", "tokenizer")
+            write_tokenizer(tmp / folder, enc.pad_token)
+            parts[folder] = transformers.CLIPTokenizer.from_pretrained(str(tmp / folder))
+        pipe = getattr(diffusers, preset.pipeline_class)(**parts, **preset.pipeline)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
     return out

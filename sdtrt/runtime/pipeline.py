@@ -217,6 +217,9 @@ class Pipeline:
     def check(self, request: Request, generator=None) -> Request:
         """Validate `request` against this model (and the generator against the batch); every error names the fix."""
         request.check()
+        mode = "txt2img" if request.image is None else ("inpaint" if request.mask_image is not None else "img2img")
+        unset = {k: v for k, v in self.family.defaults(mode).items() if getattr(request, k) is None}
+        request = request.replace(**unset) if unset else request
         self.family.check_request(request, self.config)
         kmax = self.family.clip_skip_max(self.config)
         if request.clip_skip is not None and request.clip_skip > kmax:
@@ -285,8 +288,7 @@ class Pipeline:
         native = self.family.default_size(self.config)
         height = height if height is not None else native[0]
         width = width if width is not None else native[1]
-        strength = request.effective_strength if request.image is not None else None
-        return init, mask, request.replace(height=height, width=width, strength=strength)
+        return init, mask, request.replace(height=height, width=width)
 
     def _schedule(self, r: Request, from_image: bool) -> tuple[schedulers.Scheduler, torch.Tensor]:
         """A fresh scheduler and the timesteps this call runs (strength / denoising_start skip the start of

@@ -47,7 +47,7 @@ class Request:
     negative_prompt_2: str | Sequence[str] | None = None
     num_images_per_prompt: int = 1
     steps: int = 50
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # default: the family's (SD 7.5, SDXL 5.0, as diffusers' pipelines)
     guidance_rescale: float = 0.0
     scheduler: str | None = None  # default: the model's own
     scheduler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -57,7 +57,7 @@ class Request:
     clip_skip: int | None = None
     image: Any = None  # img2img / inpainting start: path, PIL image, [B,3,H,W] in [0,1], or latents [B,C,h,w]
     mask_image: Any = None  # inpainting: white (1) repaints
-    strength: float | None = None  # default 0.8 for img2img, 1.0 for inpainting
+    strength: float | None = None  # default: the family's (SD: 0.8 img2img, 1.0 inpainting; SDXL: 0.3, 0.9999)
     resize: bool = False  # resize image/mask to a multiple of 8 instead of refusing
     prompt_syntax: str = "plain"  # "a1111": (word:1.3) weights and prompts longer than 75 tokens
     # SDXL micro-conditioning (diffusers' defaults: original and target size = the output size)
@@ -101,13 +101,8 @@ class Request:
 
     @property
     def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
-
-    @property
-    def effective_strength(self) -> float:
-        if self.strength is not None:
-            return self.strength
-        return 1.0 if self.mask_image is not None else 0.8
+        """Classifier-free guidance on (every family's default scale is above 1)."""
+        return self.guidance_scale is None or self.guidance_scale > 1.0
 
     def replace(self, **changes: Any) -> "Request":
         return dataclasses.replace(self, **changes)
@@ -136,7 +131,8 @@ class Request:
             if v is not None and (not _is_int(v) or v <= 0 or v % VAE_FACTOR):
                 near = nearest_sizes(v if _is_int(v) and v > 0 else VAE_FACTOR)
                 raise InvalidRequest(name, v, f"is not a positive multiple of {VAE_FACTOR}", int(near.split()[0]), f"nearest valid: {near}")
-        _number(self, "guidance_scale", 0, None, 7.5, note="<= 1 turns guidance off")
+        if self.guidance_scale is not None:
+            _number(self, "guidance_scale", 0, None, 7.5, note="<= 1 turns guidance off")
         _number(self, "guidance_rescale", 0, 1, 0.7, note="0 turns it off")
         if self.strength is not None:
             _number(self, "strength", 0, 1, 0.8, low_open=True, note="low keeps the image, 1 repaints it fully")

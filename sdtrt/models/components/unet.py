@@ -1,0 +1,67 @@
+"""diffusers' UNet2DConditionModel, classifier-free guidance batched as [uncond; cond].
+
+sample [B2,Cin,h,w], timestep float32 [1], encoder_hidden_states [B2,S,D]
+  (+ SDXL's added conditions: text_embeds [B2,P] pooled text, time_ids [B2,N] size/crop/aesthetic ids)
+-> latent [B2,Cout,h,w]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..spec import VAE_FACTOR, ComponentSpec, TensorSpec
+
+
+def spec(config: Mapping[str, Any], *, pooled_dim: int | None = None, time_ids: tuple[float, ...] = ()) -> ComponentSpec:
+    """`config` is unet/config.json; SDXL passes its pooled width and the sample time ids (whose
+    count, 6 or 5 with an aesthetic score, the UNet's added embedding fixes)."""
+    inputs = [
+        TensorSpec("sample", ("B2", int(config.get("in_channels", 4)), "h", "w")),
+        TensorSpec("timestep", (1,), "float32", sample="timestep"),
+        TensorSpec("encoder_hidden_states", ("B2", "S", int(config["cross_attention_dim"]))),
+    ]
+    added = pooled_dim is not None
+    if added:
+        inputs += [TensorSpec("text_embeds", ("B2", pooled_dim)), TensorSpec("time_ids", ("B2", len(time_ids)), sample="time_ids")]
+    out_channels = int(config.get("out_channels", 4))
+    return ComponentSpec(
+        "unet",
+        inputs=tuple(inputs),
+        outputs=(TensorSpec("latent", ("B2", out_channels, "h", "w")),),
+        description="denoising UNet, classifier-free guidance batched as [uncond; cond]" + (" (+ pooled text and time ids)" if added else ""),
+        weights="unet",
+        load=lambda model_dir, allow_pickle: load(Path(model_dir), allow_pickle, added),
+        trace_side=trace_side(config),
+        sample_values={"time_ids": tuple(time_ids)} if added else {},
+    )
+
+
+def trace_side(config: Mapping[str, Any]) -> int:
+    """Image side (px) to trace at: latents of 2^(levels-1) + 1, deliberately not a multiple of the
+    UNet's total down-sampling. diffusers then upsamples to each skip connection's exact size (a
+    Resize whose size comes from the graph) instead of by a fixed x2, so the exported UNet takes
+    every multiple of 8 px, as diffusers does, not only multiples of 64."""
+    levels = len(config.get("block_out_channels", [0, 0, 0, 0]))
+    return VAE_FACTOR * (2 ** (levels - 1) + 1)
+
+
+class UNet(nn.Module):
+    def __init__(self, unet: nn.Module, added: bool):
+        super().__init__()
+        self.unet, self.added = unet, added
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) -> torch.Tensor:
+        extra = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}} if self.added else {}
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **extra)[0]
+
+
+def load(model_dir: Path, allow_pickle: bool, added: bool) -> nn.Module:
+    from ...errors import require
+
+    diffusers = require("diffusers", "export", "sdtrt export")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", use_safetensors=not allow_pickle).eval()
+    return UNet(unet, added)

@@ -1,0 +1,123 @@
+"""What every family provides. A family is a kind of diffusers pipeline folder (SD 1.x/2.x, SDXL, ...):
+
+- export time: `read_config(folder)` gathers the facts its specs are functions of (the diffusers
+  sub-configs, verbatim) into a JSON-able dict, which `sdtrt export` stores in sdtrt.json;
+- `components(config)`: the networks it can export, each a `ComponentSpec`;
+- run time: `conditioning(text, request)` turns prompts into the UNet's extra inputs
+  (encoder_hidden_states, and e.g. SDXL's pooled text and time ids), batched [uncond; cond].
+
+Nothing here imports diffusers or transformers at module level: the runtime reads families too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ...errors import SdtrtError
+from ..spec import VAE_FACTOR, ComponentSpec
+
+Config = Mapping[str, Any]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SdtrtError(f"{path} is missing: this is not a complete diffusers model folder.",
+                         "point at the folder diffusers' save_pretrained wrote (model_index.json and one folder per component)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SdtrtError(f"{path} is not valid JSON ({e}).", "restore the file from the original checkpoint") from None
+    if not isinstance(data, dict):
+        raise SdtrtError(f"{path} holds a JSON {type(data).__name__}, not an object.", "restore the file from the original checkpoint")
+    return data
+
+
+class Family:
+    name: str = ""
+    title: str = ""  # for messages: "Stable Diffusion 1.x/2.x"
+    pipeline_classes: tuple[str, ...] = ()
+    text_encoders: tuple[str, ...] = ()  # in the order diffusers runs them
+
+    # --- export time --------------------------------------------------------------------------
+
+    def read_config(self, folder: Path, index: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def weight_folders(self, config: Config) -> tuple[str, ...]:
+        """Subfolders whose weights sdtrt exports (and hashes)."""
+        return tuple(dict.fromkeys(spec.weights for spec in self.components(config).values()))
+
+    # --- both ---------------------------------------------------------------------------------
+
+    def components(self, config: Config) -> dict[str, ComponentSpec]:
+        raise NotImplementedError
+
+    def default_components(self, config: Config) -> tuple[str, ...]:
+        """What txt2img needs; add vae_encoder for img2img and inpainting."""
+        return (*self.present_text_encoders(config), "unet", "vae_decoder")
+
+    def present_text_encoders(self, config: Config) -> tuple[str, ...]:
+        return tuple(name for name in self.text_encoders if name in config)
+
+    def tokenizer_folder(self, encoder: str) -> str:
+        return encoder.replace("text_encoder", "tokenizer")
+
+    def default_size(self, config: Config) -> tuple[int, int]:
+        side = int(config["unet"].get("sample_size", 64)) * VAE_FACTOR
+        return side, side
+
+    def latent_channels(self, config: Config) -> int:
+        return int(config["vae"].get("latent_channels", 4))
+
+    def unscale_latents(self, config: Config, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE decoder's input: latents / scaling_factor (or with latents_mean/std when the VAE has them)."""
+        vae = config["vae"]
+        mean, std = vae.get("latents_mean"), vae.get("latents_std")
+        if mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            m = torch.tensor(mean, device=latents.device).view(shape)
+            s = torch.tensor(std, device=latents.device).view(shape)
+            return latents * s / float(vae.get("scaling_factor", 0.18215)) + m
+        return latents / float(vae.get("scaling_factor", 0.18215))
+
+    def scale_latents(self, config: Config, latents: torch.Tensor) -> torch.Tensor:
+        """A VAE encoder sample -> UNet latents (the inverse of unscale_latents)."""
+        vae = config["vae"]
+        mean, std = vae.get("latents_mean"), vae.get("latents_std")
+        scaling = float(vae.get("scaling_factor", 0.18215))
+        if mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            m = torch.tensor(mean, device=latents.device).view(shape)
+            s = torch.tensor(std, device=latents.device).view(shape)
+            return (latents - m) * scaling / s
+        return latents * scaling
+
+    # guidance_scale and strength when a request leaves them out: the defaults of the family's diffusers
+    # pipeline for that mode (txt2img, img2img, inpaint)
+    DEFAULTS = {"txt2img": {"guidance_scale": 7.5}, "img2img": {"guidance_scale": 7.5, "strength": 0.8},
+                "inpaint": {"guidance_scale": 7.5, "strength": 1.0}}
+
+    def defaults(self, mode: str) -> dict[str, float]:
+        return self.DEFAULTS[mode]
+
+    def clip_skip_max(self, config: Config) -> int:
+        specs = self.components(config)
+        return min(specs[e].tensor("skipped_embeddings").dims[1] for e in self.present_text_encoders(config))
+
+    def describe(self, config: Config) -> str:
+        """One line for `sdtrt inspect`."""
+        return self.title
+
+    # --- run time -----------------------------------------------------------------------------
+
+    def check_request(self, request, config: Config) -> None:
+        """Family-specific refusals (e.g. SDXL-only parameters on an SD model)."""
+
+    def conditioning(self, text, request, config: Config) -> dict[str, torch.Tensor]:
+        """UNet inputs other than sample and timestep, batched [uncond; cond] when request.cfg and
+        repeated per image (prompt-major), exactly as the family's diffusers pipeline builds them."""
+        raise NotImplementedError

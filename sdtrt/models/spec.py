@@ -1,0 +1,112 @@
+"""The ONNX contract of one network: its tensors, their symbolic dimensions, and what export,
+validation, engine profiles and the runtime need to know about it — written once, per component.
+
+A component spec is made by a function of the model's config (see `sdtrt.models.components`), so
+widths, channels and extra inputs are concrete numbers; only the per-call dimensions are symbols:
+
+  B   images in the batch (prompts x images per prompt)
+  B2  UNet batch: 2B with classifier-free guidance ([uncond; cond], as diffusers orders it), B without
+  T   text-encoder rows: prompts and negative prompts together (x chunks for long prompts)
+  S   text tokens seen by the UNet: 77, or a multiple of 77 with long prompts
+  h,w latent size; H,W = 8h, 8w image size in pixels
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+DYNAMIC = ("B", "B2", "T", "S", "h", "w", "H", "W")
+VAE_FACTOR = 8  # pixels per latent cell for every supported family
+TEXT_LENGTH = 77  # CLIP's context: bos + 75 tokens + eos
+
+# Relative error = max|onnx - torch| / max|torch| per output, against the fp32 torch module.
+# fp32: ONNX Runtime and torch differ only in kernel order and fusions (~1e-6); 1e-3 leaves head-room
+#       for full-size models yet fails any changed weight.
+# fp16: half precision keeps about 3 decimal digits per op over dozens of layers; measured on the
+#       tiny and sd15 models at well under 1e-2.
+TOLERANCES = {"fp32": 1e-3, "fp16": 2e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dims: tuple[str | int, ...]
+    dtype: str = "float"  # "float" follows the component's precision; otherwise a fixed ONNX dtype name
+    sample: str = "noise"  # how export makes a real-shaped input: noise | ids | timestep | image | time_ids
+
+    def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else int(sizes[d]) for d in self.dims)
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.dims) if isinstance(d, str)}
+
+    def concrete_dtype(self, precision: str) -> str:
+        return ("float16" if precision == "fp16" else "float32") if self.dtype == "float" else self.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentSpec:
+    """One exported network. `load(model_dir, allow_pickle)` builds the torch module (export only;
+    it imports diffusers/transformers lazily) whose forward has exactly these inputs and outputs."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str
+    weights: str  # the diffusers subfolder holding its weights
+    load: Callable[[Any, bool], Any] = dataclasses.field(compare=False, repr=False)
+    fp16: bool = True  # exported in fp16 by --dtype fp16 (VAEs: only with --fp16-vae)
+    trace_side: int = 64  # image side (px) the module is traced at (the graph is the same at every size)
+    sample_values: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)  # fixed inputs, e.g. time ids
+    ids_range: tuple[int, int, int] = (0, 49406, 49407)  # (low, bos, eos) token ids for sample ids
+    tolerances: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(TOLERANCES))
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.inputs + self.outputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no tensor named {name}")
+
+    def output_shapes(self, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        sizes = resolve_sizes(self, input_shapes)
+        return {t.name: t.shape(sizes) for t in self.outputs}
+
+
+def resolve_sizes(spec: ComponentSpec, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Symbol values implied by concrete input shapes."""
+    sizes: dict[str, int] = {}
+    for t in spec.inputs:
+        if t.name not in input_shapes:
+            continue
+        for d, n in zip(t.dims, input_shapes[t.name]):
+            if isinstance(d, str):
+                sizes[d] = int(n)
+    if "h" in sizes:
+        sizes.setdefault("H", sizes["h"] * VAE_FACTOR)
+        sizes.setdefault("W", sizes["w"] * VAE_FACTOR)
+    if "H" in sizes:
+        sizes.setdefault("h", sizes["H"] // VAE_FACTOR)
+        sizes.setdefault("w", sizes["W"] // VAE_FACTOR)
+    return sizes
+
+
+def sizes_for(batch: int, height: int, width: int, *, cfg: bool = True, text_rows: int | None = None,
+              seq: int = TEXT_LENGTH) -> dict[str, int]:
+    """Concrete values for every symbol, from what a user asks for."""
+    return {"B": batch, "B2": 2 * batch if cfg else batch, "T": text_rows or (2 * batch if cfg else batch), "S": seq,
+            "h": height // VAE_FACTOR, "w": width // VAE_FACTOR, "H": height, "W": width}
+
+
+def nearest_sizes(v: int) -> str:
+    """The valid sizes (multiples of 8 px) around `v`, for error messages: '96 or 104'."""
+    lo = max(VAE_FACTOR, int(v) // VAE_FACTOR * VAE_FACTOR)
+    return str(lo) if lo == v else f"{lo} or {lo + VAE_FACTOR}"
