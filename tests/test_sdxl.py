@@ -211,3 +211,18 @@ def test_tiny_sdxl_builds_tensorrt_rtx_engines(tiny_sdxl_onnx, tmp_path, static)
     profile = engines["unet"].profile
     assert profile["time_ids"][2] == [2 if static else 4, 6] and profile["text_embeds"][2][1] == 32
     assert engines["text_encoder_2"].profile["input_ids"][2] == [2 if static else 4, 77]  # prompts + negatives
+
+
+def test_a1111_syntax_works_on_both_encoders(pipe):
+    """Without weights and within 75 tokens it is exactly the plain path; longer prompts reach the UNet as 77 x chunks."""
+    plain = pipe("a watercolor fox", negative_prompt="blurry", steps=3, seed=1, progress=False, output_type="tensor").tensors
+    a1111 = pipe("a watercolor fox", negative_prompt="blurry", steps=3, seed=1, progress=False, output_type="tensor",
+                 prompt_syntax="a1111").tensors
+    assert torch.equal(plain, a1111)
+    from sdtrt import Request
+    from sdtrt.runtime.pipeline import _Text
+
+    long = ", ".join(["a very detailed watercolor fox"] * 20) + ", (red:1.4)"
+    feeds = pipe.family.conditioning(_Text(pipe), Request(long, "blurry", prompt_syntax="a1111", height=64, width=64), pipe.config)
+    assert feeds["encoder_hidden_states"].shape == (2, 154, 64) and feeds["text_embeds"].shape == (2, 32)
+    assert pipe(long, negative_prompt="blurry", steps=2, seed=1, progress=False, prompt_syntax="a1111").images[0].size == (64, 64)
