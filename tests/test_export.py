@@ -112,8 +112,8 @@ def test_perturbed_initializer_fails_validation(tiny_onnx, tiny_model, tmp_path)
 def test_validation_failure_fails_the_export_and_leaves_nothing(tiny_model, tmp_path, monkeypatch, capsys):
     real = graph.clean_and_save
 
-    def clean_then_corrupt(raw, out, spec, threshold):  # fault injection: a wrong graph reaches validation
-        external = real(raw, out, spec, threshold)
+    def clean_then_corrupt(raw, out, spec, *rest):  # fault injection: a wrong graph reaches validation
+        external = real(raw, out, spec, *rest)
         if out.parent.name == "text_encoder":
             _perturb_first_large_initializer(out)
         return external
@@ -218,3 +218,18 @@ def test_interrupted_export_removes_its_temporary_folder(tiny_model, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         export_model(tiny_model, tmp_path / "onnx", show_progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "unet"])
+def test_every_weight_matrix_keeps_its_torch_name_in_the_onnx(tiny_onnx, tiny_model, component):
+    """Adapters (LoRA deltas, engine refit) address weights by name: every Linear/Conv/embedding weight of
+    the torch module is an ONNX initializer called spec.prefix + its parameter name, never a folded copy."""
+    spec = open_model_dir(tiny_onnx).specs[component]
+    module = spec.load(tiny_model, False)
+    model = onnx.load(str(tiny_onnx / component / "model.onnx"))
+    initializers = {t.name: t for t in model.graph.initializer}
+    matrices = {n: p for n, p in module.named_parameters() if p.dim() >= 2}
+    assert matrices and all(n in initializers for n in matrices), [n for n in matrices if n not in initializers][:5]
+    for name, param in list(matrices.items())[:20]:
+        assert name.startswith(spec.prefix)
+        assert np.array_equal(onnx.numpy_helper.to_array(initializers[name]), param.detach().numpy())  # untransposed

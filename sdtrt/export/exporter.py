@@ -129,13 +129,13 @@ def export_model(
             # Traced at a small size: the graph is the same at every size (dynamic axes), and tracing
             # runs the module once, which in fp16 on a CPU takes many minutes at 512 x 512.
             side = spec.trace_side
-            graph.torch_to_onnx(module, _cast(sample_inputs(spec, side, side, seed=1), dtypes[name]), spec, raw, opset)
+            weights = graph.torch_to_onnx(module, _cast(sample_inputs(spec, side, side, seed=1), dtypes[name]), spec, raw, opset)
             del module
             gc.collect()
             bar.update()
             bar.set_postfix_str(f"{name}: clean graph")
             final = tmp / name / "model.onnx"
-            external = graph.clean_and_save(raw, final, spec, external_data_threshold)
+            external = graph.clean_and_save(raw, final, spec, external_data_threshold, weights)
             graph.remove(raw.parent)
             bar.update()
             if validate_outputs:

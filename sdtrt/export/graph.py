@@ -38,8 +38,14 @@ def _quiet():
         yield
 
 
-def torch_to_onnx(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], spec: ComponentSpec, path: Path, opset: int) -> None:
-    """Trace `module` into `path` (a fresh folder per file: torch may write external tensors beside it)."""
+def torch_to_onnx(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], spec: ComponentSpec, path: Path, opset: int) -> set[str]:
+    """Trace `module` into `path` (a fresh folder per file: torch may write external tensors beside it).
+
+    Returns the module's parameter names, which stay the ONNX initializers' names: torch's own constant
+    folding is off because it would fold a Linear layer's weight transpose into an anonymous
+    `onnx::MatMul_N` initializer. Keeping `Transpose(weight)` in the graph costs nothing at run time
+    (ONNX Runtime and TensorRT fold it when they load the graph), and makes every weight addressable
+    by its torch name: adapters replace initializers and refit engines by name, never by value."""
     axes = {t.name: t.dynamic_axes() for t in spec.inputs + spec.outputs if t.dynamic_axes()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with _quiet(), torch.no_grad():
@@ -50,8 +56,9 @@ def torch_to_onnx(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], spe
             input_names=spec.input_names,
             output_names=spec.output_names,
             dynamic_axes=axes,
-            do_constant_folding=True,
+            do_constant_folding=False,
         )
+    return {name for name, _ in module.named_parameters()}
 
 
 def _quiet_onnxruntime() -> None:
@@ -81,7 +88,7 @@ def name_io_dims(model, spec: ComponentSpec) -> None:
 
 
 def clean_and_save(raw_path: Path, out_path: Path, spec: ComponentSpec,
-                   external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> bool:
+                   external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, weights: set[str] = frozenset()) -> bool:
     """Fold constants, infer shapes, toposort; save to `out_path`. Returns True if external data was used.
 
     Memory: at most two copies of the weights are alive at once (the loaded graph while the cleaned
@@ -95,7 +102,13 @@ def clean_and_save(raw_path: Path, out_path: Path, spec: ComponentSpec,
     _quiet_onnxruntime()
     with _quiet(), contextlib.redirect_stdout(io.StringIO()):
         graph = gs.import_onnx(onnx.load(str(raw_path)))  # pulls in any external tensors torch wrote
-        graph.fold_constants(size_threshold=FOLD_SIZE_LIMIT, error_ok=True).cleanup().toposort()
+        # nodes reading a named weight matrix or kernel (what adapters change) are not folded, so the
+        # weight keeps its torch name (see torch_to_onnx); biases and norm scales fold as before
+        def reads_named_weight(node) -> bool:
+            return any(t.name in weights and len(getattr(t, "shape", None) or ()) >= 2 for t in node.inputs)
+
+        graph.fold_constants(size_threshold=FOLD_SIZE_LIMIT, error_ok=True, should_exclude_node=reads_named_weight)
+        graph.cleanup().toposort()
         model = gs.export_onnx(graph)
         del graph
         gc.collect()

@@ -55,6 +55,7 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     description: str
     weights: str  # the diffusers subfolder holding its weights
+    prefix: str  # ONNX initializer name = prefix + the torch parameter name in that subfolder's model
     load: Callable[[Any, bool], Any] = dataclasses.field(compare=False, repr=False)
     fp16: bool = True  # exported in fp16 by --dtype fp16 (VAEs: only with --fp16-vae)
     trace_side: int = 64  # image side (px) the module is traced at (the graph is the same at every size)

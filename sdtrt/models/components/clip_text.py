@@ -41,6 +41,7 @@ def spec(name: str, config: Mapping[str, Any], *, penultimate: bool = False, poo
         outputs=tuple(outputs),
         description=f"CLIP text encoder ({d} wide{', pooled projection' if pooled else ''}): token ids -> per-token embeddings",
         weights=name,
+        prefix="model.",
         load=lambda model_dir, allow_pickle: load(Path(model_dir) / name, allow_pickle, k, penultimate, pooled),
         ids_range=(0, vocab - 2, vocab - 1),
     )

@@ -34,6 +34,7 @@ def spec(config: Mapping[str, Any], *, pooled_dim: int | None = None, time_ids: 
         outputs=(TensorSpec("latent", ("B2", out_channels, "h", "w")),),
         description="denoising UNet, classifier-free guidance batched as [uncond; cond]" + (" (+ pooled text and time ids)" if added else ""),
         weights="unet",
+        prefix="unet.",
         load=lambda model_dir, allow_pickle: load(Path(model_dir), allow_pickle, added),
         trace_side=trace_side(config),
         sample_values={"time_ids": tuple(time_ids)} if added else {},

@@ -27,6 +27,7 @@ def decoder_spec(config: Mapping[str, Any]) -> ComponentSpec:
         outputs=(TensorSpec("images", ("B", 3, "H", "W")),),
         description="VAE decoder: unscaled latents -> images in [-1, 1]",
         weights="vae",
+        prefix="vae.",
         load=lambda model_dir, allow_pickle: VaeDecoder(load(Path(model_dir), allow_pickle)),
         fp16=False,
     )
@@ -40,6 +41,7 @@ def encoder_spec(config: Mapping[str, Any]) -> ComponentSpec:
         outputs=(TensorSpec("latent_mean", ("B", c, "h", "w")), TensorSpec("latent_std", ("B", c, "h", "w"))),
         description="VAE encoder: images in [-1, 1] -> latent distribution (mean, std), before scaling",
         weights="vae",
+        prefix="vae.",
         load=lambda model_dir, allow_pickle: VaeEncoder(load(Path(model_dir), allow_pickle)),
         fp16=False,
     )
