@@ -101,7 +101,7 @@ def test_sd2_presets_pad_with_exclamation_mark_id_0(tmp_path):
 
 def test_unknown_preset_lists_the_known_ones(tmp_path):
     with pytest.raises(SdtrtError, match="tiny, tiny-sd2"):
-        make_model("sdxl", tmp_path / "x")
+        make_model("sd3", tmp_path / "x")
 
 
 def test_make_model_refuses_existing_output_without_force(tiny_model):
