@@ -75,7 +75,9 @@ class Model:
 
 def check_args(a: argparse.Namespace) -> Checked:
     """Refuse bad flags up front, each naming the flag: a typo must cost a second, not a whole benchmark."""
+    from sdtrt.cli import MAX_SEED, MAX_THREADS
     from sdtrt.errors import SdtrtError
+    from sdtrt.runtime.request import MAX_SIDE
     from sdtrt.runtime.schedulers import resolve
 
     if a.model_dir and a.preset:
@@ -83,7 +85,14 @@ def check_args(a: argparse.Namespace) -> Checked:
     if not a.model_dir and not a.preset:
         raise SdtrtError("no model to benchmark.", "pass a diffusers folder or --preset sd15 (or tiny)")
     if a.preset:
-        _presets().get_preset(a.preset)
+        try:
+            _presets().get_preset(a.preset)
+        except SdtrtError as e:
+            raise SdtrtError(e.problem, f"pass --preset with {(e.fix or '').removeprefix('choose ')}") from None
+    else:
+        from sdtrt.export.source import inspect_source
+
+        inspect_source(a.model_dir)  # a diffusers folder sdtrt can export (reads configs only)
     wanted = [s.strip() for s in a.systems.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(ALL_SYSTEMS))
     if unknown:
@@ -94,10 +103,17 @@ def check_args(a: argparse.Namespace) -> Checked:
                                ("--warmup", a.warmup, 0), ("--threads", a.threads, 0)):
         if value < least:
             raise SdtrtError(f"{flag} {value} is less than {least}.", f"pass {flag} {least} or more")
+    if a.threads > MAX_THREADS:
+        raise SdtrtError(f"--threads {a.threads} is more than {MAX_THREADS}.", "pass --threads 0 (all cores) or the number of cores")
+    if not 0 <= a.seed <= MAX_SEED:
+        raise SdtrtError(f"--seed {a.seed} is outside 0..{MAX_SEED} (2^64 - 1).", "pass --seed 0 or another seed in that range")
     for flag, value in (("--height", a.height), ("--width", a.width)):
         if value <= 0 or value % 8:
             raise SdtrtError(f"{flag} {value} is not a positive multiple of 8 (the VAE works in 8-pixel blocks).",
                              f"pass {flag} {max(8, value // 8 * 8)} or another positive multiple of 8")
+        if value > MAX_SIDE:
+            raise SdtrtError(f"{flag} {value} is larger than {MAX_SIDE} (no machine has the memory for more).",
+                             f"pass {flag} 512 or another size up to {MAX_SIDE}")
     if not math.isfinite(a.guidance_scale):
         raise SdtrtError(f"--guidance-scale {a.guidance_scale} is not a finite number.", "pass --guidance-scale 7.5 or another finite number")
     if math.isnan(a.min_psnr):
@@ -132,7 +148,7 @@ def _presets():
 def _work_dir(a: argparse.Namespace) -> Path:
     from sdtrt.files import cache_dir
 
-    return a.work_dir or cache_dir() / "bench"
+    return a.work_dir or cache_dir(instead="--work-dir DIR") / "bench"
 
 
 def _model(a: argparse.Namespace, work: Path, log) -> Model:

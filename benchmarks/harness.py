@@ -216,7 +216,8 @@ def check_output_path(path: Path, flag: str) -> None:
     from sdtrt.files import check_can_write
 
     if Path(path).is_dir():
-        raise SdtrtError(f"{flag} {path} is a folder.", f"pass a file path to {flag}, e.g. {flag} {Path(path) / 'bench.json'}")
+        example = Path(path) / ("bench.png" if flag == "--plot" else "bench.json")
+        raise SdtrtError(f"{flag} {path} is a folder.", f"pass a file path to {flag}, e.g. {flag} {example}")
     check_can_write(path, flag)
 
 

@@ -33,6 +33,14 @@ class BadMetadata(SdtrtError):
     pass
 
 
+class FolderExpected(SdtrtError):
+    """sdtrt.json or engines.json was given where its directory is meant."""
+
+    def __init__(self, file: Path):
+        self.file = Path(file)
+        super().__init__(f"{file} is a file inside an sdtrt directory.", f"pass the folder, not the file: {self.file.parent}")
+
+
 # --- sdtrt.json ------------------------------------------------------------------------------------
 
 
@@ -174,7 +182,7 @@ def open_model_dir(path: Path | str) -> ModelDir:
     """An exported ONNX directory or a built engine directory; refuses anything else, naming the fix."""
     root = Path(path)
     if root.is_file() and root.name in (ONNX_METADATA, ENGINE_MANIFEST):
-        raise SdtrtError(f"{root} is a file inside an sdtrt directory.", f"pass the folder, not the file: {root.parent}")
+        raise FolderExpected(root)
     if not root.is_dir():
         raise SdtrtError(f"{root} does not exist." if not root.exists() else f"{root} is a file, not a directory.",
                          "pass a directory written by `sdtrt export` or `sdtrt build`")
@@ -185,7 +193,10 @@ def open_model_dir(path: Path | str) -> ModelDir:
         raise SdtrtError(f"{root} is not an sdtrt ONNX or engine directory (no {ONNX_METADATA}).", hint)
     meta = _read(meta_path, ExportMeta, ONNX_FORMAT, ONNX_VERSION, "re-export the model: sdtrt export MODEL_DIR --out "
                  f"{root} --force")
-    families.get(meta.family)
+    try:
+        families.get(meta.family)
+    except SdtrtError as e:
+        raise BadMetadata(f"{meta_path}: {e.problem}", f"{e.fix}: sdtrt export {meta.source.path} --out {root} --force") from None
     manifest = None
     if (root / ENGINE_MANIFEST).is_file():
         manifest = _read(root / ENGINE_MANIFEST, EngineManifest, ENGINES_FORMAT, ENGINES_VERSION,

@@ -30,6 +30,7 @@ Start here (tiny random-weight model, CPU, a minute):
 """
 
 MAX_SEED = 2**64 - 1
+MAX_THREADS = 1024  # more threads than any machine has cores only costs memory (each has a stack)
 
 
 # --- value types: argparse reports "argument --flag: <message>" -------------------------------------
@@ -64,11 +65,22 @@ def seed(text: str) -> int:
 
 
 def pixels(text: str) -> int:
+    from .runtime.request import MAX_SIDE
+
     v = _int(text)
     if v <= 0 or v % 8:
         from .models.spec import nearest_sizes
 
         raise argparse.ArgumentTypeError(f"{text} is not a positive multiple of 8 (try {nearest_sizes(max(v, 8))})")
+    if v > MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"{text} is larger than {MAX_SIDE} (no machine has the memory for more)")
+    return v
+
+
+def threads(text: str) -> int:
+    v = nonnegative_int(text)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{text} is more than {MAX_THREADS}")
     return v
 
 
@@ -120,6 +132,29 @@ def readable_file(text: str) -> Path:
     except OSError as e:
         raise argparse.ArgumentTypeError(f"{text} cannot be read ({e.strerror})") from None
     return p
+
+
+def image_file(text: str) -> Path:
+    """A file PIL can open as an image, checked before any model is loaded."""
+    p = readable_file(text)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise argparse.ArgumentTypeError(f"{text} is not an image PIL can read ({e})") from None
+    return p
+
+
+def device(text: str) -> str:
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda or cuda:N") from None
+    return text
 
 
 # --- the parser ------------------------------------------------------------------------------------
@@ -278,15 +313,15 @@ def _generate_parser(sub) -> None:
     p.add_argument("--width", type=pixels, help="image width, a multiple of 8 (default: the model's native size)")
     p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--clip-skip", type=positive_int, help="use the text encoder's hidden states this many layers before the last (diffusers' numbering)")
-    p.add_argument("--image", type=readable_file, help="img2img / inpainting: the starting image (PNG, JPEG)")
-    p.add_argument("--mask", type=readable_file, help="inpainting: white = repaint, black = keep (same size as --image)")
+    p.add_argument("--image", type=image_file, help="img2img / inpainting: the starting image (PNG, JPEG)")
+    p.add_argument("--mask", type=image_file, help="inpainting: white = repaint, black = keep (same size as --image)")
     p.add_argument("--strength", type=strength, help="how much of the image to repaint, (0, 1] (default 0.8 img2img, 1.0 inpainting)")
     p.add_argument("--resize", action="store_true", help="resize --image/--mask to a multiple of 8 (or to --height/--width) instead of refusing")
     p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",
                    help="plain: diffusers' behaviour (77 tokens, brackets are text); a1111: (word:1.3) weights and long prompts")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="auto: by directory kind")
-    p.add_argument("--device", help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
-    p.add_argument("--threads", type=nonnegative_int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.add_argument("--device", type=device, help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
+    p.add_argument("--threads", type=threads, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     p.add_argument("--out", default="outputs/", help="image path (.png, .jpg, .webp), or a folder ending in / for numbered images")
     p.add_argument("--format", choices=["png", "jpg", "webp"], help="file format for a folder --out (default png; a file's suffix decides otherwise)")
     p.add_argument("--quality", type=quality, default=95, help="JPEG/WebP quality 1-100")
@@ -313,6 +348,45 @@ def _parse_options(items: list[str]) -> dict:
     return options
 
 
+def _scheduler_name(name: str) -> str:
+    from .runtime.schedulers import resolve
+
+    try:
+        return resolve(name)
+    except SdtrtError as e:
+        raise SdtrtError(e.problem, e.fix, cli_fix=f"pass --scheduler with {(e.fix or '').removeprefix('choose ')}") from None
+
+
+def _check_scheduler(model: Path, request) -> None:
+    """Make the scheduler the run will make, before any model is loaded, so that its errors (worded for
+    Python callers) name the flag that fixes them."""
+    from .artifacts import open_model_dir
+    from .runtime import schedulers
+
+    config = open_model_dir(model).meta.scheduler_config
+    options = dict(request.scheduler_options)
+    name = _scheduler_name(request.scheduler or config.get("_class_name", "PNDMScheduler"))
+    try:
+        scheduler = schedulers.make(name, config, **options)
+        limit = scheduler.config.num_train_timesteps
+        if isinstance(limit, int) and 0 < limit < request.steps:
+            raise SdtrtError(f"--steps {request.steps} is more than the model's {limit} training timesteps.",
+                             cli_fix=f"pass --steps {limit} or fewer")
+        scheduler.set_timesteps(request.steps)
+    except SdtrtError as e:
+        if e.cli_fix:
+            raise  # already worded for the command line
+        raise SdtrtError(e.problem, e.fix, cli_fix=f"{e.fix} (--scheduler-option KEY=VALUE)" if options
+                         else f"choose another --scheduler ({e.fix})") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        if not options:
+            raise  # the model's own scheduler config fails: a bug to report, not a flag to change
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise SdtrtError(f"--scheduler-option {given}: scheduler '{name}' cannot use it ({str(e).splitlines()[0][:120]}).",
+                         "give each option a value of its type (numbers for beta_start, num_train_timesteps, ...), "
+                         "or drop that --scheduler-option") from None
+
+
 def _run_generate(a: argparse.Namespace) -> None:
     from .default_model import default_onnx_dir
     from .outputs import a1111_parameters, plan
@@ -325,12 +399,11 @@ def _run_generate(a: argparse.Namespace) -> None:
                       seed=a.seed, height=a.height, width=a.width, clip_skip=a.clip_skip, image=a.image, mask_image=a.mask,
                       strength=a.strength, resize=a.resize, prompt_syntax=a.prompt_syntax).check()
     if a.scheduler:
-        from .runtime.schedulers import resolve
-
-        resolve(a.scheduler)
+        _scheduler_name(a.scheduler)
     # everything about the outputs is decided and checked before any model is made or loaded
     outputs = plan(a.out, request.batch, a.force, a.format)
     model = a.model or default_onnx_dir(log=lambda m: print(m, file=sys.stderr))
+    _check_scheduler(model, request)
     options = {"threads": a.threads} if a.backend != "tensorrt" and a.threads else {}
     if a.device:
         options["device"] = a.device
@@ -475,13 +548,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cli_error(e: SdtrtError) -> SdtrtError:
-    """Reword an error raised in Python terms (a request parameter) into the command line's."""
+def _cli_error(e: SdtrtError, argv: list[str]) -> SdtrtError:
+    """Reword an error raised in Python terms (a request parameter, a path) into the command line's."""
+    import shlex
+
+    from .artifacts import FolderExpected
     from .runtime.request import InvalidRequest
 
     if isinstance(e, InvalidRequest) and e.param in _FLAGS:
         return e.worded(_FLAGS[e.param], str(e.example))
+    if isinstance(e, FolderExpected):  # the same command line, with the folder in place of the file
+        fixed = [_with_folder(arg, e.file) for arg in argv]
+        if fixed != argv:
+            return SdtrtError(e.problem, e.fix, cli_fix=f"pass the folder, not the file: sdtrt {shlex.join(fixed)}")
     return e
+
+
+def _with_folder(arg: str, file: Path) -> str:
+    flag, eq, value = arg.rpartition("=") if arg.startswith("--") else ("", "", arg)
+    return flag + eq + str(file.parent) if value and Path(value) == file else arg
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """torch's allocation failures (CPU and CUDA) are RuntimeErrors; tell them from the rest."""
+    text = str(e)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def report(e: SdtrtError) -> None:
@@ -497,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import signals
 
     signals.install()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -505,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.run(args)
     except SdtrtError as e:
-        report(_cli_error(e))
+        report(_cli_error(e, argv))
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (signals.Terminated)
         code = signals.exit_code(e)
@@ -513,6 +605,12 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except MemoryError:
         report(SdtrtError("out of memory.", "use a smaller size, fewer images per call, or close other jobs"))
+        return 2
+    except RuntimeError as e:
+        if not _out_of_memory(e):
+            raise
+        report(SdtrtError(f"out of memory ({str(e).splitlines()[0][:200]}).",
+                          "pass a smaller --height/--width or fewer --num-images / --batch, or close other jobs"))
         return 2
     except OSError as e:  # the environment: a full disk, a file that vanished, a permission changed mid-run
         report(SdtrtError(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "") + ".",

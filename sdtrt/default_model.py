@@ -22,7 +22,7 @@ def default_onnx_dir(log=print) -> Path:
     from .export.source import inspect_source, weights_sha256
     from .models.presets import make_model
 
-    root = cache_dir() / "default" / f"{PRESET}-seed{SEED}-sdtrt{__version__}-fp32"
+    root = cache_dir(instead="--model ONNX_DIR") / "default" / f"{PRESET}-seed{SEED}-sdtrt{__version__}-fp32"
     model_dir, onnx_dir = root / "model", root / "onnx"
     if not (model_dir / "model_index.json").is_file():
         log(f"no --model given: making the {PRESET} demo model in {model_dir} (random weights, once)")

@@ -98,8 +98,9 @@ def check_can_write(path: Path, flag: str = "--out") -> None:
     os.unlink(probe)
 
 
-def cache_dir() -> Path:
-    """$SDTRT_CACHE or ~/.cache/sdtrt, created on first use; refused (naming the variable) if unusable."""
+def cache_dir(instead: str | None = None) -> Path:
+    """$SDTRT_CACHE or ~/.cache/sdtrt, created on first use; refused (naming the variable, and `instead`:
+    the flag that does without the cache) if unusable."""
     env = os.environ.get("SDTRT_CACHE")
     root = Path(env) if env else Path.home() / ".cache" / "sdtrt"
     try:
@@ -110,7 +111,8 @@ def cache_dir() -> Path:
     except OSError as e:
         where = f"SDTRT_CACHE={env}" if env else f"the cache folder {root}"
         raise SdtrtError(f"{where} is not a writable folder ({e.strerror or e}).",
-                         "set SDTRT_CACHE to a folder you can write to (export SDTRT_CACHE=/path/to/cache)") from None
+                         "set SDTRT_CACHE to a folder you can write to (export SDTRT_CACHE=/path/to/cache)"
+                         + (f", or pass {instead}" if instead else "")) from None
     return root
 
 

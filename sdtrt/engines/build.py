@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Iterable
 
 from .. import __version__
-from ..files import atomic_dir, atomic_file, cache_dir, check_not_inside, check_output_dir, file_sha256, write_text
+from ..files import (atomic_dir, atomic_file, cache_dir, check_can_write, check_not_inside, check_output_dir, file_sha256,
+                     write_text)
 from ..errors import SdtrtError
 from ..progress import progress
 from ..artifacts import EngineFile, EngineManifest, Library, open_model_dir
@@ -21,8 +22,11 @@ from .profiles import Ranges, profile
 from .toolkit import load_toolkit, local_gpu_target, resolve_targets
 
 
+MAX_WORKSPACE_MB = 1 << 20  # 1 TiB: more than any GPU has; larger values overflow TensorRT's byte count
+
+
 def engine_cache_dir(override: Path | None = None) -> Path:
-    return Path(override) if override else cache_dir() / "engines"
+    return Path(override) if override else cache_dir(instead="--cache-dir DIR or --no-cache") / "engines"
 
 
 def build_engines(
@@ -52,6 +56,9 @@ def build_engines(
         raise SdtrtError(f"{onnx_dir} is already an engine directory.", "pass the ONNX directory written by `sdtrt export`")
     check_not_inside(out, onnx_dir, "ONNX directory")
     available = list(model.meta.components)
+    components = list(components) if components is not None else None
+    if components is not None and not components:
+        raise SdtrtError("--components names no component.", f"pass --components with some of {','.join(available)}, or drop it for all")
     names = list(dict.fromkeys(components)) if components else available
     missing = [c for c in names if c not in available]
     if missing:
@@ -61,6 +68,9 @@ def build_engines(
     ranges = Ranges.parse(batch, height or str(native[0]), width or str(native[1]), max_prompt_chunks)
     if not 0 <= opt_level <= 5:
         raise SdtrtError(f"--opt-level {opt_level} is outside 0-5.", "pass --opt-level 3 (the default) or another value 0-5")
+    if workspace_mb is not None and not 1 <= workspace_mb <= MAX_WORKSPACE_MB:
+        raise SdtrtError(f"--workspace {workspace_mb} is outside 1-{MAX_WORKSPACE_MB} MiB.",
+                         "pass --workspace with the MiB the builder may use (e.g. 4096), or drop it")
     if timing_cache is not None and tk.is_rtx:
         raise SdtrtError("TensorRT-RTX has no timing cache: since RTX 1.2 the API is a no-op, and calling it makes the "
                          "builder query a GPU, which breaks ahead-of-time builds on machines without one.",
@@ -71,6 +81,8 @@ def build_engines(
     out = Path(out)
     check_output_dir(out, force)
     store = engine_cache_dir(cache) if use_cache else None
+    if store is not None:
+        check_can_write(store / "engine", "--cache-dir")
     started = time.time()
     entries: dict[str, EngineFile] = {}
     with atomic_dir(out, force) as tmp:

@@ -203,6 +203,10 @@ def _worker() -> int:
         emit({"result": build_here(json.loads(sys.stdin.read()), emit)})
     except SdtrtError as e:
         emit({"error": {"problem": e.problem, "fix": e.fix}})
+    except Exception as e:  # noqa: BLE001 - TensorRT's bindings raise their own types; the parent reports one line, not a traceback
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        emit({"error": {"problem": f"the engine build failed: {type(e).__name__}: {first}",
+                        "fix": "narrow --batch/--height/--width, or re-export with `sdtrt export`; report the error if it persists"}})
     return 0
 
 

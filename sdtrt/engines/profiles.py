@@ -14,6 +14,9 @@ import dataclasses
 
 from ..models.spec import TEXT_LENGTH, VAE_FACTOR, ComponentSpec
 from ..errors import SdtrtError
+from ..runtime.request import MAX_IMAGES, MAX_SIDE
+
+MAX_PROMPT_CHUNKS = 64  # 4,800 tokens; TensorRT's dimensions are 32-bit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +26,7 @@ class Range:
     max: int
 
     @classmethod
-    def parse(cls, text: str | int, flag: str, multiple: int = 1) -> "Range":
+    def parse(cls, text: str | int, flag: str, multiple: int = 1, maximum: int | None = None) -> "Range":
         parts = [p.strip() for p in str(text).split(":")]
         try:
             values = [int(p) for p in parts]
@@ -38,6 +41,8 @@ class Range:
             raise SdtrtError(f"{flag} {text}: sizes must be positive.", f"e.g. {flag} {max(multiple, 1)}")
         if not lo <= opt <= hi:
             raise SdtrtError(f"{flag} {text}: needs MIN <= OPT <= MAX.", f"e.g. {flag} {min(values)}:{sorted(values)[1]}:{max(values)}")
+        if maximum is not None and hi > maximum:
+            raise SdtrtError(f"{flag} {text}: {hi} is more than {maximum}.", f"e.g. {flag} {lo}:{min(opt, maximum)}:{maximum} or less")
         bad = [v for v in values if v % multiple]
         if bad:
             raise SdtrtError(f"{flag} {text}: {bad[0]} is not a multiple of {multiple}.", f"use {bad[0] // multiple * multiple or multiple} or {(bad[0] // multiple + 1) * multiple}")
@@ -60,9 +65,11 @@ class Ranges:
 
     @classmethod
     def parse(cls, batch: str, height: str, width: str, prompt_chunks: int = 1) -> "Ranges":
-        if not isinstance(prompt_chunks, int) or prompt_chunks < 1:
-            raise SdtrtError(f"--max-prompt-chunks {prompt_chunks} must be 1 or more.", "pass 1 (77 tokens) or e.g. 3 for prompts up to 225 tokens")
-        return cls(Range.parse(batch, "--batch"), Range.parse(height, "--height", VAE_FACTOR), Range.parse(width, "--width", VAE_FACTOR), prompt_chunks)
+        if not isinstance(prompt_chunks, int) or not 1 <= prompt_chunks <= MAX_PROMPT_CHUNKS:
+            raise SdtrtError(f"--max-prompt-chunks {prompt_chunks} is outside 1-{MAX_PROMPT_CHUNKS}.",
+                             "pass 1 (77 tokens) or e.g. 3 for prompts up to 225 tokens")
+        return cls(Range.parse(batch, "--batch", 1, MAX_IMAGES), Range.parse(height, "--height", VAE_FACTOR, MAX_SIDE),
+                   Range.parse(width, "--width", VAE_FACTOR, MAX_SIDE), prompt_chunks)
 
 
 def _sizes(r: Ranges, which: str) -> dict[str, int]:

@@ -91,11 +91,14 @@ def resolve_targets(toolkit: Toolkit, requested: str | None) -> list[str]:
                              f"pass --target with the GPUs to build for, e.g. --target sm86,sm89 (TensorRT-RTX builds {', '.join(RTX_TARGETS)})")
         requested = local
     targets = [t.strip().lower() for t in requested.split(",") if t.strip()]
+    if not targets:
+        raise SdtrtError(f"--target {requested!r} names no GPU.",
+                         f"pass --target with some of {', '.join(RTX_TARGETS)}, e.g. --target sm86,sm89")
     for t in targets:
         if t not in RTX_TARGETS:
             hint = (" (Hopper: H100/H200): TensorRT-RTX does not target data-center GPUs; use --backend tensorrt on that machine"
                     if t == "sm90" else "")
-            raise SdtrtError(f"TensorRT-RTX cannot build for {t}{hint}.", f"choose from {', '.join(RTX_TARGETS)}" + ("" if hint else ""))
+            raise SdtrtError(f"TensorRT-RTX cannot build for {t}{hint}.", f"pass --target with some of {', '.join(RTX_TARGETS)}")
     return list(dict.fromkeys(targets))
 
 

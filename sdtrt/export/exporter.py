@@ -18,7 +18,7 @@ from ..files import atomic_dir, check_not_inside, check_output_dir, file_sha256
 from ..models.spec import VAE_FACTOR, ComponentSpec, TensorSpec, nearest_sizes, sizes_for
 from ..progress import progress
 from . import graph, validate
-from .source import SourceModel, inspect_source, weights_sha256
+from .source import MAKE_ONE, SourceModel, inspect_source, weights_sha256
 
 DTYPES = ("fp32", "fp16")
 
@@ -67,6 +67,16 @@ def check_components(src: SourceModel, components: Iterable[str] | None) -> list
         raise SdtrtError(f"unknown component(s) for a {src.family.describe(src.config)} model: {', '.join(unknown) or '(none given)'}.",
                          f"pass --components with some of: {', '.join(src.specs)} (default: {default})")
     return names
+
+
+def _load(spec: ComponentSpec, src: SourceModel) -> torch.nn.Module:
+    try:
+        return spec.load(src.path, src.pickle_weights)
+    except (OSError, ValueError, RuntimeError) as e:  # a truncated or damaged weights file (diffusers, transformers, safetensors)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise SdtrtError(f"cannot load the {spec.name} weights from {src.path}: {first}",
+                         "restore the model folder from the original checkpoint, or pass another model folder "
+                         f"({MAKE_ONE})") from None
 
 
 def check_size(height: int, width: int) -> None:
@@ -121,7 +131,7 @@ def export_model(
             inputs = sample_inputs(spec, height, width)
             # One component's torch module at a time, freed before the graph work: a full-size UNet
             # is 3.4 GB in fp32 and the ONNX clean-up holds copies of the graph.
-            module = spec.load(src.path, src.pickle_weights)
+            module = _load(spec, src)
             expected = validate.reference_outputs(module, inputs) if validate_outputs else None
             if dtypes[name] == "fp16":
                 module = module.half()

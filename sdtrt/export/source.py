@@ -17,6 +17,7 @@ from ..models.families.base import read_json
 from ..models.spec import ComponentSpec
 
 SAFE_SUFFIX = ".safetensors"
+MAKE_ONE = "`sdtrt make-model --preset tiny --out DIR` makes one"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 
@@ -50,11 +51,10 @@ def _weights(folder: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
     if not pickled:
         raise SdtrtError(f"{folder} holds no weights (*.safetensors).", "re-download or re-save the component with safetensors")
     if not allow_pickle:
-        raise SdtrtError(
-            f"{folder} has weights only in pickle form ({pickled[0].name}); loading pickle can run arbitrary code.",
-            "convert them to safetensors (pipe.save_pretrained(dir, safe_serialization=True)), "
-            "or pass --allow-pickle if you trust the file",
-        )
+        fix = ("convert them to safetensors (pipe.save_pretrained(dir, safe_serialization=True)), "
+               "or pass --allow-pickle if you trust the file")
+        raise SdtrtError(f"{folder} has weights only in pickle form ({pickled[0].name}); loading pickle can run arbitrary code.",
+                         fix, cli_fix=fix)
     return pickled, True
 
 
@@ -63,20 +63,26 @@ def inspect_source(model_dir: Path, allow_pickle: bool = False) -> SourceModel:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise SdtrtError(f"model folder {model_dir} does not exist." if not model_dir.exists() else f"{model_dir} is a file, not a model folder.",
-                         "pass a diffusers folder, or make one: sdtrt make-model --preset tiny --out DIR")
-    family, index = families.detect(model_dir)
-    config = family.read_config(model_dir, index)
-    for encoder in family.present_text_encoders(config):
-        tok = model_dir / family.tokenizer_folder(encoder)
-        if not (tok / "vocab.json").is_file() or not (tok / "merges.txt").is_file():
-            raise SdtrtError(f"{tok} lacks vocab.json/merges.txt (the CLIP tokenizer files).", "use a complete diffusers folder")
-    files: list[Path] = []
-    any_pickle = False
-    for part in family.weight_folders(config):
-        found, pickled = _weights(model_dir / part, allow_pickle)
-        files += found
-        any_pickle |= pickled
-    scheduler = {k: v for k, v in read_json(model_dir / "scheduler" / "scheduler_config.json").items() if not k.startswith("_diffusers")}
+                         f"pass a diffusers folder ({MAKE_ONE})")
+    try:
+        family, index = families.detect(model_dir)
+        config = family.read_config(model_dir, index)
+        for encoder in family.present_text_encoders(config):
+            tok = model_dir / family.tokenizer_folder(encoder)
+            if not (tok / "vocab.json").is_file() or not (tok / "merges.txt").is_file():
+                raise SdtrtError(f"{tok} lacks vocab.json/merges.txt (the CLIP tokenizer files).", "use a complete diffusers folder")
+        files: list[Path] = []
+        any_pickle = False
+        for part in family.weight_folders(config):
+            found, pickled = _weights(model_dir / part, allow_pickle)
+            files += found
+            any_pickle |= pickled
+        scheduler = {k: v for k, v in read_json(model_dir / "scheduler" / "scheduler_config.json").items()
+                     if not k.startswith("_diffusers")}
+    except SdtrtError as e:
+        if e.cli_fix:
+            raise  # already worded for the command line (--allow-pickle)
+        raise SdtrtError(e.problem, e.fix, cli_fix=f"{e.fix}; or pass another model folder ({MAKE_ONE})") from None
     return SourceModel(model_dir, str(index["_class_name"]), family, config, scheduler, tuple(files), any_pickle)
 
 

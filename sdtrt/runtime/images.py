@@ -23,6 +23,9 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(a.numpy()) for a in to_uint8(images)]
 
 
+_FLAGS = {"image": "--image", "mask": "--mask"}
+
+
 def _open(image, what: str):
     from PIL import Image
 
@@ -30,7 +33,8 @@ def _open(image, what: str):
         try:
             return Image.open(image)
         except (OSError, ValueError) as e:
-            raise SdtrtError(f"cannot read {what} {image}: {e}.", f"pass a PNG/JPEG file or a PIL image as {what}") from None
+            raise SdtrtError(f"cannot read {what} {image}: {e}.", f"pass a PNG/JPEG file or a PIL image as {what}",
+                             cli_fix=f"pass a PNG or JPEG file to {_FLAGS[what]}") from None
     if isinstance(image, Image.Image):
         return image
     return None
@@ -43,9 +47,11 @@ def _target_size(size: tuple[int, int], height: int | None, width: int | None, r
     w, h = size
     h, w = height or h, width or w
     if (h % VAE_FACTOR or w % VAE_FACTOR) and not resize:
+        near = f"nearest valid: height {nearest_sizes(h)}, width {nearest_sizes(w)}"
+        scaled = f"{w - w % VAE_FACTOR}x{h - h % VAE_FACTOR}"
         raise SdtrtError(f"{what} is {w}x{h}, not a multiple of {VAE_FACTOR} in each side.",
-                         f"pass height and width (nearest valid: height {nearest_sizes(h)}, width {nearest_sizes(w)}), "
-                         f"or resize=True (--resize) to scale it to {w - w % VAE_FACTOR}x{h - h % VAE_FACTOR}")
+                         f"pass height and width ({near}), or resize=True to scale it to {scaled}",
+                         cli_fix=f"pass --height and --width ({near}), or --resize to scale it to {scaled}")
     return h - h % VAE_FACTOR, w - w % VAE_FACTOR
 
 
@@ -80,7 +86,8 @@ def load_mask(mask, height: int, width: int, resize: bool = False, init_size: tu
     if pil is not None:
         if init_size is not None and pil.size != init_size and not resize:
             raise SdtrtError(f"the mask is {pil.size[0]}x{pil.size[1]} but the image is {init_size[0]}x{init_size[1]}.",
-                             "pass a mask of the image's size, or resize=True (--resize) to scale both to the output size")
+                             "pass a mask of the image's size, or resize=True to scale both to the output size",
+                             cli_fix="pass a --mask of the --image's size, or --resize to scale both to the output size")
         try:
             gray = pil.resize((width, height), resample=Image.LANCZOS).convert("L")
         except (ValueError, OSError) as e:

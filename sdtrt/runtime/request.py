@@ -18,6 +18,10 @@ from ..models.spec import VAE_FACTOR, nearest_sizes
 SYNTAXES = ("plain", "a1111")
 OUTPUT_TYPES = ("pil", "tensor", "latent")
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0..2^64-1
+# Far past what any machine can denoise (at 16384 px the UNet's attention alone needs terabytes; a call
+# with thousands of images holds them all in memory at once): beyond these, sizes only overflow.
+MAX_SIDE = 16384
+MAX_IMAGES = 1024
 
 
 class InvalidRequest(SdtrtError):
@@ -125,12 +129,18 @@ class Request:
                 raise InvalidRequest(name, getattr(self, name), f"has {len(texts)} entries for {len(prompts)} prompts",
                                      "blurry", f"one {what} per prompt, or a single string for all")
         _int(self, "num_images_per_prompt", 1, 1)
+        if self.batch > MAX_IMAGES:
+            raise InvalidRequest("num_images_per_prompt", self.num_images_per_prompt,
+                                 f"makes {self.batch} images in one call, more than {MAX_IMAGES}", max(1, MAX_IMAGES // len(prompts)),
+                                 "make more calls instead")
         _int(self, "steps", 1, 25, note="25-50 is typical")
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v <= 0 or v % VAE_FACTOR):
                 near = nearest_sizes(v if _is_int(v) and v > 0 else VAE_FACTOR)
                 raise InvalidRequest(name, v, f"is not a positive multiple of {VAE_FACTOR}", int(near.split()[0]), f"nearest valid: {near}")
+            if v is not None and v > MAX_SIDE:
+                raise InvalidRequest(name, v, f"is larger than {MAX_SIDE}", 1024, "no machine has the memory for more")
         if self.guidance_scale is not None:
             _number(self, "guidance_scale", 0, None, 7.5, note="<= 1 turns guidance off")
         _number(self, "guidance_rescale", 0, 1, 0.7, note="0 turns it off")
@@ -146,7 +156,8 @@ class Request:
         if self.output_type not in OUTPUT_TYPES:
             raise InvalidRequest("output_type", self.output_type, f"is not one of {', '.join(OUTPUT_TYPES)}", "pil")
         if self.mask_image is not None and self.image is None:
-            raise InvalidRequest("mask_image", "<given>", "needs image= (the picture to inpaint)", "None")
+            raise SdtrtError("a mask was given without the image to inpaint.", "pass image= with mask_image=, or drop mask_image",
+                             cli_fix="pass --image with --mask, or drop --mask")
         if not isinstance(self.resize, bool):
             raise InvalidRequest("resize", self.resize, "is not True or False", True)
         for name in ("original_size", "target_size", "negative_original_size", "negative_target_size",

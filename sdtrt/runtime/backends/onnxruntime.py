@@ -36,10 +36,19 @@ class OnnxRuntimeBackend:
                  components: set[str] | None = None, session_config: Mapping[str, str] | None = None):
         ort = require("onnxruntime", "onnxruntime", "the onnxruntime backend")
         self.model = model
-        self.device = torch.device(device or "cpu")
+        try:
+            self.device = torch.device(device or "cpu")
+        except (RuntimeError, ValueError):
+            raise SdtrtError(f"{device!r} is not a device.", "pass device='cpu' or 'cuda[:N]'",
+                             cli_fix="pass --device cpu or --device cuda[:N]") from None
         if self.device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise SdtrtError("device='cuda' needs onnxruntime's CUDA provider, which this onnxruntime lacks.",
-                             "pip uninstall onnxruntime && pip install 'sdtrt[onnxruntime-gpu]' (or use device='cpu')")
+                             "pip uninstall onnxruntime && pip install 'sdtrt[onnxruntime-gpu]' (or use device='cpu')",
+                             cli_fix="pass --device cpu, or pip uninstall onnxruntime && pip install 'sdtrt[onnxruntime-gpu]'")
+        # Failures reach the caller as exceptions (an allocation failure as OutOfMemory); ONNX Runtime
+        # would also log each one to stderr, which would put a second, raw copy before the error line.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
         if graph_optimization_level not in OPT_LEVELS:
             raise SdtrtError(f"unknown graph_optimization_level {graph_optimization_level!r}.", f"use one of {', '.join(OPT_LEVELS)}")
         self._ort_device = (self.device.type, self.device.index or 0)
@@ -110,7 +119,7 @@ class OnnxRuntimeBackend:
 
     def _execute(self, binding: "_Binding") -> None:
         """The engine call itself (benchmarks replace it with a no-op to measure runtime overhead)."""
-        binding.run()
+        binding.run(self._run_options)
 
 
 class _Binding:
@@ -144,11 +153,11 @@ class _Binding:
         else:
             self._public.bind_output(name, self._device_type, self._device_id, np_type, shape, ptr)
 
-    def run(self) -> None:
+    def run(self, options=None) -> None:
         if self._public is None:
-            self._session._sess.run_with_iobinding(self._binding, None)
+            self._session._sess.run_with_iobinding(self._binding, options)
         else:
-            self._session.run_with_iobinding(self._public)
+            self._session.run_with_iobinding(self._public, options)
 
 
 _DEVICES: dict[tuple[str, int], Any] = {}
