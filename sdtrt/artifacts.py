@@ -25,7 +25,7 @@ from .models.spec import ComponentSpec
 ONNX_METADATA = "sdtrt.json"
 ENGINE_MANIFEST = "engines.json"
 ONNX_FORMAT, ENGINES_FORMAT = "sdtrt-onnx", "sdtrt-engines"
-ONNX_VERSION = 2  # 2: family + the diffusers configs its specs are functions of
+ONNX_VERSION = 3  # 2: family + the diffusers configs its specs are functions of; 3: weights keep their torch names
 ENGINES_VERSION = 2
 
 
@@ -58,6 +58,16 @@ class OnnxFile:
     size_bytes: int
     external_data: bool
     export_seconds: float = 0.0
+    weights: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # torch name -> shape of each weight matrix (initializer = spec.prefix + name)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterRecord:
+    """A LoRA / LyCORIS file merged into the weights at export."""
+
+    path: str
+    sha256: str
+    scale: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +93,8 @@ class ExportMeta:
     python: str = ""
     export_seconds: float = 0.0
     validation: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    adapters: list[AdapterRecord] = dataclasses.field(default_factory=list)  # merged at export, in order
+    embedding_slots: int = 0  # token-embedding rows reserved after the vocabulary for Textual Inversion
     format: str = ONNX_FORMAT
     format_version: int = ONNX_VERSION
 

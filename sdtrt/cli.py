@@ -147,6 +147,56 @@ def image_file(text: str) -> Path:
     return p
 
 
+ADAPTER_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+
+
+def adapter_file(text: str) -> Path:
+    p = readable_file(text)
+    if p.suffix.lower() not in ADAPTER_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text} is not an adapter file ({', '.join(ADAPTER_SUFFIXES)})")
+    return p
+
+
+def lora_arg(text: str) -> tuple[Path, float]:
+    """FILE or FILE:SCALE (a path may itself hold ':' - only a number after the last one is a scale)."""
+    path, sep, scale = text.rpartition(":")
+    try:
+        value = float(scale) if sep else None
+    except ValueError:
+        value = None
+    if value is None:
+        path, value = text, 1.0
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"scale {scale} is not a finite number")
+    return adapter_file(path), value
+
+
+def embedding_arg(text: str) -> tuple[Path, str | None]:
+    """FILE or FILE:TOKEN (the token defaults to the one in the file, or the file name)."""
+    if Path(text).is_file():
+        return adapter_file(text), None
+    path, sep, token = text.rpartition(":")
+    if not sep or not token:
+        return adapter_file(text), None
+    return adapter_file(path), token
+
+
+def size_pair(text: str) -> tuple[int, int]:
+    """HEIGHTxWIDTH (or H,W), as SDXL's size conditioning takes it."""
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH (e.g. 1024x1024)")
+    h, w = (nonnegative_int(p.strip()) for p in parts)
+    return h, w
+
+
+def folder(text: str) -> Path:
+    p = Path(text)
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    return p
+
+
 def device(text: str) -> str:
     import torch
 
@@ -243,7 +293,11 @@ def _export_parser(sub) -> None:
     p.add_argument("--width", type=pixels, help="image width used for validation inputs (default: the model's native size)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check (not recommended)")
-    p.add_argument("--allow-pickle", action="store_true", help="load .bin/.ckpt pickle weights (can run code: only for files you trust)")
+    p.add_argument("--allow-pickle", action="store_true", help="load .bin/.ckpt pickle weights and adapter files (can run code: only for files you trust)")
+    p.add_argument("--lora", action="append", type=lora_arg, default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA / LyCORIS file into the exported weights (repeatable; recorded in sdtrt.json)")
+    p.add_argument("--embedding-slots", type=nonnegative_int, default=32, metavar="N",
+                   help="token-embedding rows reserved for Textual Inversion at run time (0: none)")
     p.add_argument("--external-data-threshold", type=nonnegative_int, default=EXTERNAL_DATA_THRESHOLD, metavar="BYTES",
                    help="store weights beside model.onnx (model.onnx.data) above this size; ONNX cannot hold more than 2 GiB")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -261,7 +315,7 @@ def _run_export(a: argparse.Namespace) -> None:
         a.model_dir, a.out, components=_components(a.components), dtype=a.dtype,
         opset=a.opset, force=a.force, validate_outputs=not a.no_validate, height=a.height, width=a.width,
         fp16_vae=a.fp16_vae, allow_pickle=a.allow_pickle, external_data_threshold=a.external_data_threshold,
-        show_progress=not a.no_progress,
+        loras=a.lora, embedding_slots=a.embedding_slots, show_progress=not a.no_progress,
     )
     print(f"wrote ONNX to {out}")
 
@@ -271,7 +325,10 @@ _FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "num_image
           "steps": "--steps", "guidance_scale": "--guidance-scale", "guidance_rescale": "--guidance-rescale",
           "scheduler_options": "--scheduler-option", "seed": "--seed", "height": "--height", "width": "--width",
           "clip_skip": "--clip-skip", "image": "--image", "mask_image": "--mask", "strength": "--strength",
-          "prompt_syntax": "--prompt-syntax"}
+          "prompt_syntax": "--prompt-syntax", "prompt_2": "--prompt-2", "negative_prompt_2": "--negative-prompt-2",
+          "original_size": "--original-size", "target_size": "--target-size", "crops_coords_top_left": "--crops-coords-top-left",
+          "negative_original_size": "--negative-original-size", "negative_target_size": "--negative-target-size",
+          "aesthetic_score": "--aesthetic-score", "negative_aesthetic_score": "--negative-aesthetic-score"}
 
 
 def _generate_parser(sub) -> None:
@@ -297,12 +354,15 @@ def _generate_parser(sub) -> None:
              sdtrt generate "a fox, oil painting" --model out/onnx-with-encoder --image photo.png --strength 0.6
              sdtrt generate "a red hat" --model out/inpaint-onnx --image photo.png --mask mask.png
              sdtrt generate "a (red:1.3) fox, [blurry], ...long prompt..." --prompt-syntax a1111 --out fox.webp
+             sdtrt generate "a fox, <lora:ink:0.7>" --prompt-syntax a1111 --lora-dir loras/ --embedding cat.pt:<cat> --allow-pickle
+             sdtrt generate "a fox" --model out/sdxl-onnx --refiner out/sdxl-refiner-onnx --steps 40 --out fox.png
              """)
     p.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
     p.add_argument("--model", type=Path, help="ONNX dir (sdtrt export) or engine dir (sdtrt build); default: the tiny demo model")
     p.add_argument("--negative-prompt", action="append", help="negative prompt; give once for all prompts or once per prompt")
     p.add_argument("--steps", type=positive_int, default=50, help="denoising steps")
-    p.add_argument("--guidance-scale", "--cfg", type=nonnegative, default=7.5, help="classifier-free guidance; <= 1 turns it off (half the UNet work)")
+    p.add_argument("--guidance-scale", "--cfg", type=nonnegative, help="classifier-free guidance; <= 1 turns it off (half the UNet work) "
+                   "(default: the model's diffusers default, 7.5 for SD, 5.0 for SDXL)")
     p.add_argument("--guidance-rescale", type=unit_interval, default=0.0, help="rescale guided noise toward the conditional std (0.7 for zero-SNR models)")
     p.add_argument("--scheduler", "--sampler", help=f"sampler (default: the model's own). One of {', '.join(SCHEDULERS)}, "
                                                     "or a diffusers class / A1111 name such as 'DPM++ 2M Karras'")
@@ -318,7 +378,25 @@ def _generate_parser(sub) -> None:
     p.add_argument("--strength", type=strength, help="how much of the image to repaint, (0, 1] (default 0.8 img2img, 1.0 inpainting)")
     p.add_argument("--resize", action="store_true", help="resize --image/--mask to a multiple of 8 (or to --height/--width) instead of refusing")
     p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",
-                   help="plain: diffusers' behaviour (77 tokens, brackets are text); a1111: (word:1.3) weights and long prompts")
+                   help="plain: diffusers' behaviour (77 tokens, brackets are text); a1111: (word:1.3) weights, long prompts, <lora:NAME:SCALE>")
+    p.add_argument("--lora", action="append", type=lora_arg, default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA / LyCORIS file at run time, no re-export (repeatable)")
+    p.add_argument("--lora-dir", type=folder, help="folder that <lora:NAME:SCALE> tags (--prompt-syntax a1111) load NAME.safetensors from")
+    p.add_argument("--embedding", action="append", type=embedding_arg, default=[], metavar="FILE[:TOKEN]",
+                   help="load a Textual Inversion embedding (repeatable); use TOKEN in the prompt")
+    p.add_argument("--allow-pickle", action="store_true", help="read .pt/.ckpt adapter files (pickle can run code: only files you trust)")
+    g = p.add_argument_group("SDXL")
+    g.add_argument("--prompt-2", action="append", help="prompt for the second text encoder (default: the prompt)")
+    g.add_argument("--negative-prompt-2", action="append", help="negative prompt for the second text encoder")
+    g.add_argument("--original-size", type=size_pair, metavar="HxW", help="size conditioning: the training image's size (default: the output size)")
+    g.add_argument("--target-size", type=size_pair, metavar="HxW", help="size conditioning: the target size (default: the output size)")
+    g.add_argument("--crops-coords-top-left", type=size_pair, metavar="TOPxLEFT", help="crop conditioning (default 0x0)")
+    g.add_argument("--negative-original-size", type=size_pair, metavar="HxW", help="negative size conditioning")
+    g.add_argument("--negative-target-size", type=size_pair, metavar="HxW", help="negative size conditioning")
+    g.add_argument("--aesthetic-score", type=finite, help="refiner: aesthetic score (default 6.0)")
+    g.add_argument("--negative-aesthetic-score", type=finite, help="refiner: negative aesthetic score (default 2.5)")
+    g.add_argument("--refiner", type=folder, help="an SDXL refiner ONNX/engine dir: the base runs the first --refiner-start of the schedule, the refiner the rest")
+    g.add_argument("--refiner-start", type=strength, default=0.8, help="fraction of the schedule the base runs before the refiner takes its latents")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="auto: by directory kind")
     p.add_argument("--device", type=device, help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
     p.add_argument("--threads", type=threads, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
@@ -387,17 +465,50 @@ def _check_scheduler(model: Path, request) -> None:
                          "or drop that --scheduler-option") from None
 
 
+def _texts(values: list[str] | None):
+    return values[0] if values and len(values) == 1 else values
+
+
+def _adapter_list(a: argparse.Namespace, prompts: list[str]) -> tuple[list[str], list[tuple[Path, float]]]:
+    """--lora files plus, with --prompt-syntax a1111, the prompts' <lora:NAME:SCALE> tags (removed from
+    the text, as A1111 does); the tags resolve only inside --lora-dir."""
+    from .runtime.adapters import lora_from_dir
+    from .runtime.text.prompt_weights import lora_tags
+
+    loras = list(a.lora)
+    if a.prompt_syntax != "a1111":
+        return prompts, loras
+    cleaned = []
+    for prompt in prompts:
+        text, tags = lora_tags(prompt)
+        cleaned.append(text)
+        for name, scale in tags:
+            try:
+                value = float(scale)
+            except ValueError:
+                value = float("nan")
+            if not math.isfinite(value):
+                raise SdtrtError(f"<lora:{name}:{scale}>: the scale is not a number.", cli_fix=f"write <lora:{name}:0.8>")
+            loras.append((lora_from_dir(name, a.lora_dir), value))
+    return cleaned, loras
+
+
 def _run_generate(a: argparse.Namespace) -> None:
     from .default_model import default_onnx_dir
     from .outputs import a1111_parameters, plan
     from .runtime.pipeline import Pipeline
     from .runtime.request import Request
 
-    negative = a.negative_prompt[0] if a.negative_prompt and len(a.negative_prompt) == 1 else a.negative_prompt
-    request = Request(a.prompt, negative, num_images_per_prompt=a.num_images, steps=a.steps, guidance_scale=a.guidance_scale,
+    prompts, loras = _adapter_list(a, a.prompt)
+    request = Request(prompts, _texts(a.negative_prompt), prompt_2=_texts(a.prompt_2), negative_prompt_2=_texts(a.negative_prompt_2),
+                      num_images_per_prompt=a.num_images, steps=a.steps, guidance_scale=a.guidance_scale,
                       guidance_rescale=a.guidance_rescale, scheduler=a.scheduler, scheduler_options=_parse_options(a.scheduler_option),
                       seed=a.seed, height=a.height, width=a.width, clip_skip=a.clip_skip, image=a.image, mask_image=a.mask,
-                      strength=a.strength, resize=a.resize, prompt_syntax=a.prompt_syntax).check()
+                      strength=a.strength, resize=a.resize, prompt_syntax=a.prompt_syntax, original_size=a.original_size,
+                      target_size=a.target_size, crops_coords_top_left=a.crops_coords_top_left or (0, 0),
+                      negative_original_size=a.negative_original_size, negative_target_size=a.negative_target_size,
+                      **{k: v for k, v in (("aesthetic_score", a.aesthetic_score), ("negative_aesthetic_score", a.negative_aesthetic_score))
+                         if v is not None}).check()
     if a.scheduler:
         _scheduler_name(a.scheduler)
     # everything about the outputs is decided and checked before any model is made or loaded
@@ -408,12 +519,41 @@ def _run_generate(a: argparse.Namespace) -> None:
     if a.device:
         options["device"] = a.device
     pipe = Pipeline.load(model, backend=a.backend, **options)
-    result = pipe.run(request, progress=not a.no_progress)
-    for path in outputs.write(result.images, [a1111_parameters(p) for p in result.parameters], a.quality):
+    for path, token in a.embedding:
+        pipe.load_textual_inversion(path, token, allow_pickle=a.allow_pickle)
+    if loras:
+        pipe.set_loras(loras, allow_pickle=a.allow_pickle)
+    if a.refiner:
+        result = _base_then_refiner(a, pipe, request, options)
+    else:
+        result = pipe.run(request, progress=not a.no_progress)
+    texts = []
+    for original, params in zip([p for p in a.prompt for _ in range(a.num_images)], result.parameters):
+        texts.append(a1111_parameters({**params, "prompt": original}))  # A1111 keeps the tags in the text
+    for path in outputs.write(result.images, texts, a.quality):
         print(f"wrote {path}")
     t = result.timings
     print(f"seed {result.seed}; text encoder {t['text_encoder']:.3f}s, denoise {t['denoise']:.3f}s "
           f"({t['unet_calls']} UNet calls), VAE decode {t['vae_decoder']:.3f}s, total {t['total']:.3f}s")
+
+
+def _base_then_refiner(a: argparse.Namespace, base, request, options):
+    """SDXL's ensemble of experts: the base denoises the first part of the schedule and hands its latents
+    to the refiner (diffusers' denoising_end / denoising_start)."""
+    from .runtime.pipeline import Pipeline
+
+    refiner = Pipeline.load(a.refiner, backend=a.backend, **options)
+    first = base.run(request.replace(denoising_end=a.refiner_start, output_type="latent"), progress=not a.no_progress)
+    per_image = request.num_images_per_prompt  # the base made B x n latents: the refiner takes one prompt per latent
+    second = refiner.run(request.replace(image=first.latents, denoising_start=a.refiner_start, seed=first.seed, num_images_per_prompt=1,
+                                         prompt=[p for p in request.prompts for _ in range(per_image)],
+                                         negative_prompt=None if request.negative_prompt is None else
+                                         [n for n in request.negatives for _ in range(per_image)],
+                                         prompt_2=[p for p in request.prompts_2 for _ in range(per_image)], negative_prompt_2=None),
+                         progress=not a.no_progress)
+    for key in ("text_encoder", "denoise", "unet", "unet_calls", "total"):
+        second.timings[key] = second.timings.get(key, 0) + first.timings.get(key, 0)
+    return second
 
 
 def _build_parser(sub) -> None:

@@ -27,9 +27,15 @@ def a1111_parameters(p: Mapping[str, Any]) -> str:
     fields = [("Steps", p.get("steps")), ("Sampler", p.get("sampler")), ("CFG scale", p.get("guidance_scale")),
               ("Seed", p.get("seed")), ("Size", f"{p.get('width')}x{p.get('height')}"), ("Model hash", p.get("model_hash")),
               ("Clip skip", clip_skip + 1 if clip_skip else None), ("Denoising strength", p.get("strength")),
+              ("Lora hashes", _hashes(p.get("loras"))), ("TI hashes", _hashes(p.get("embeddings"))),
               ("Version", f"sdtrt {__version__}")]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
     return "\n".join(lines)
+
+
+def _hashes(items) -> str | None:
+    """A1111's `"name: hash, ..."` (first 12 hex digits of each file's sha256)."""
+    return '"' + ", ".join(f"{name}: {sha[:12]}" for name, sha in items) + '"' if items else None
 
 
 def encode(image, fmt: str = "PNG", parameters: str | None = None, quality: int = 95) -> bytes:

@@ -53,7 +53,7 @@ def test_export_follows_the_onnx_contract(fixture, float_type, request):
 
 def test_metadata_describes_the_export(tiny_onnx, tiny_model):
     meta = json.loads((tiny_onnx / "sdtrt.json").read_text())
-    assert meta["family"] == "sd" and meta["opset"] == 17 and meta["dtype"] == "fp32" and meta["format_version"] == 2
+    assert meta["family"] == "sd" and meta["opset"] == 17 and meta["dtype"] == "fp32" and meta["format_version"] == 3
     assert set(meta["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     # the family's model config is the diffusers configs, verbatim: every spec is a function of it
     assert meta["config"]["vae"]["scaling_factor"] == pytest.approx(0.18215)
@@ -102,6 +102,7 @@ def _perturb_first_large_initializer(path: Path) -> None:
 def test_perturbed_initializer_fails_validation(tiny_onnx, tiny_model, tmp_path):
     bad = tmp_path / "unet.onnx"
     shutil.copy(tiny_onnx / "unet" / "model.onnx", bad)
+    shutil.copy(tiny_onnx / "unet" / "model.onnx.data", tmp_path / "model.onnx.data")  # weight matrices are external
     _perturb_first_large_initializer(bad)
     unet = inspect_source(tiny_model).specs["unet"]
     checks = validate.compare(unet, "fp32", bad, unet.load(tiny_model, False), sample_inputs(unet, 64, 64))
@@ -230,6 +231,12 @@ def test_every_weight_matrix_keeps_its_torch_name_in_the_onnx(tiny_onnx, tiny_mo
     initializers = {t.name: t for t in model.graph.initializer}
     matrices = {n: p for n, p in module.named_parameters() if p.dim() >= 2}
     assert matrices and all(n in initializers for n in matrices), [n for n in matrices if n not in initializers][:5]
+    embedding = spec.prefix + spec.token_embedding if spec.token_embedding else None
     for name, param in list(matrices.items())[:20]:
         assert name.startswith(spec.prefix)
-        assert np.array_equal(onnx.numpy_helper.to_array(initializers[name]), param.detach().numpy())  # untransposed
+        stored = onnx.numpy_helper.to_array(initializers[name], base_dir=str(tiny_onnx / component))
+        if name == embedding:  # Textual Inversion rows reserved after the vocabulary, zero until used
+            slots = open_model_dir(tiny_onnx).meta.embedding_slots
+            assert stored.shape[0] == param.shape[0] + slots and not stored[param.shape[0]:].any()
+            stored = stored[: param.shape[0]]
+        assert np.array_equal(stored, param.detach().numpy())  # untransposed

@@ -407,6 +407,28 @@ BAD = {
     "bench model and preset": (BENCH + " --preset tiny", "--preset"),
     "bench no model": ("bench --work-dir {tmp}/work --out {tmp}/bench.json", "--preset"),
     "bench cache in /proc": ("bench {model} --out {tmp}/bench.json", "--work-dir", {"SDTRT_CACHE": "/proc/nope"}),
+    # adapters and SDXL flags
+    "export lora missing": (EXPORT + " --lora {tmp}/nope.safetensors", "--lora"),
+    "export lora scale nan": (EXPORT + " --lora {inp}/img.png:nan", "--lora"),
+    "export lora not an adapter": (EXPORT + " --lora {inp}/img.png", "--lora"),
+    "export embedding-slots -1": (EXPORT + " --embedding-slots -1", "--embedding-slots"),
+    "generate lora missing": (GEN + " --lora {tmp}/nope.safetensors", "--lora"),
+    "generate lora a folder": (GEN + " --lora {inp}/folder", "--lora"),
+    "generate lora scale inf": (GEN + " --lora {inp}/img.png:inf", "--lora"),
+    "generate lora-dir missing": (GEN + " --lora-dir {tmp}/nope", "--lora-dir"),
+    "generate lora tag not in dir": ((GEN + " --prompt-syntax a1111 --lora-dir {inp}/folder").replace("'a fox'", "'a fox <lora:ink:1>'"),
+                                     "--lora-dir"),
+    "generate lora tag escapes dir": ((GEN + " --prompt-syntax a1111 --lora-dir {inp}/folder").replace("'a fox'", "'a fox <lora:../img:1>'"),
+                                      "--lora-dir"),
+    "generate lora tag without dir": (GEN.replace("'a fox'", "'a fox <lora:ink:1>'") + " --prompt-syntax a1111", "--lora-dir"),
+    "generate embedding missing": (GEN + " --embedding {tmp}/nope.pt", "--embedding"),
+    "generate embedding not one": (GEN + " --embedding {inp}/img.png:<tok>", "--embedding"),
+    "generate original-size text": (GEN + " --original-size big", "--original-size"),
+    "generate target-size 3 parts": (GEN + " --target-size 1x2x3", "--target-size"),
+    "generate aesthetic nan": (GEN + " --aesthetic-score nan", "--aesthetic-score"),
+    "generate prompt-2 on sd": (GEN + " --prompt-2 'a dog'", "--prompt-2"),
+    "generate refiner missing": (GEN + " --refiner {tmp}/nope", "--refiner"),
+    "generate refiner-start 0": (GEN + " --refiner-start 0", "--refiner-start"),
 }
 
 
@@ -493,6 +515,7 @@ def infinite_decoder(tiny_onnx, tmp_path_factory) -> Path:
 
     d = link_copy(tiny_onnx, tmp_path_factory.mktemp("inf") / "onnx")
     path = d / "vae_decoder" / "model.onnx"
+    replace(path.with_name("model.onnx.data"), path.with_name("model.onnx.data").read_bytes())  # its own inode: onnx refuses hard links
     model = onnx.load(str(path))
     last_conv = [n for n in model.graph.node if n.op_type == "Conv"][-1]
     weights = {t.name: t for t in model.graph.initializer}[last_conv.input[1]]

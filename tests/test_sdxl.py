@@ -226,3 +226,23 @@ def test_a1111_syntax_works_on_both_encoders(pipe):
     feeds = pipe.family.conditioning(_Text(pipe), Request(long, "blurry", prompt_syntax="a1111", height=64, width=64), pipe.config)
     assert feeds["encoder_hidden_states"].shape == (2, 154, 64) and feeds["text_embeds"].shape == (2, 32)
     assert pipe(long, negative_prompt="blurry", steps=2, seed=1, progress=False, prompt_syntax="a1111").images[0].size == (64, 64)
+
+
+def test_generate_runs_sdxl_with_its_flags_and_a_refiner(tiny_sdxl_onnx, tiny_sdxl_refiner_onnx, tiny_sdxl_model, tiny_sdxl_refiner_model, tmp_path):
+    """--prompt-2 / size conditioning reach the pipeline; --refiner is diffusers' base -> refiner hand-off."""
+    from sdtrt.cli import main as cli
+
+    common = ["--steps", "6", "--seed", "4", "--no-progress", "--negative-prompt", "blurry"]
+    assert cli(["generate", "a fox", "--model", str(tiny_sdxl_onnx), "--prompt-2", "a dog", "--original-size", "96x128",
+                "--crops-coords-top-left", "8x4", *common, "--out", str(tmp_path / "a.png")]) == 0
+    theirs = reference_pipeline(tiny_sdxl_model, cls_name="StableDiffusionXLPipeline")(
+        "a fox", prompt_2="a dog", original_size=(96, 128), crops_coords_top_left=(8, 4), negative_prompt="blurry",
+        num_inference_steps=6, generator=seeded(4)).images
+    _same([Image.open(tmp_path / "a.png").convert("RGB")], theirs)
+    assert cli(["generate", "a fox", "--model", str(tiny_sdxl_onnx), "--refiner", str(tiny_sdxl_refiner_onnx),
+                "--refiner-start", "0.7", *common, "--out", str(tmp_path / "b.png")]) == 0
+    base = reference_pipeline(tiny_sdxl_model, cls_name="StableDiffusionXLPipeline")
+    refiner = reference_pipeline(tiny_sdxl_refiner_model, cls_name="StableDiffusionXLImg2ImgPipeline")
+    latents = base("a fox", negative_prompt="blurry", num_inference_steps=6, denoising_end=0.7, output_type="latent", generator=seeded(4)).images
+    theirs = refiner("a fox", negative_prompt="blurry", image=latents, num_inference_steps=6, denoising_start=0.7, generator=seeded(4)).images
+    _same([Image.open(tmp_path / "b.png").convert("RGB")], theirs)

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .. import __version__
-from ..artifacts import ExportMeta, OnnxFile, Source, Tokenizer
+from ..artifacts import AdapterRecord, ExportMeta, OnnxFile, Source, Tokenizer
 from ..errors import SdtrtError, require
 from ..files import atomic_dir, check_not_inside, check_output_dir, file_sha256
 from ..models.spec import VAE_FACTOR, ComponentSpec, TensorSpec, nearest_sizes, sizes_for
@@ -79,6 +79,48 @@ def _load(spec: ComponentSpec, src: SourceModel) -> torch.nn.Module:
                          f"({MAKE_ONE})") from None
 
 
+EMBEDDING_SLOTS = 32  # Textual Inversion rows reserved per text encoder: 32 x 1280 floats is 160 KB
+MAX_EMBEDDING_SLOTS = 4096
+
+
+def _adapters(src: SourceModel, loras: Sequence[tuple[str | Path, float]], allow_pickle: bool) -> list:
+    """The LoRA files to merge, parsed against the model's weights (refused before any work if they do not fit)."""
+    if not loras:
+        return []
+    import math
+
+    from ..adapters import parse_adapter, weights_for
+
+    table = weights_for(src.config)
+    parsed = []
+    for path, scale in loras:
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise SdtrtError(f"LoRA scale {scale!r} for {path} is not a finite number.", "pass e.g. (path, 0.8)",
+                             cli_fix="write --lora FILE:0.8")
+        parsed.append((parse_adapter(path, table, allow_pickle=allow_pickle), float(scale)))
+    return parsed
+
+
+def _merge(module: torch.nn.Module, spec: ComponentSpec, adapters: list) -> None:
+    """W += scale·ΔW for every weight of this component an adapter changes (in fp32, before any cast)."""
+    with torch.no_grad():
+        for adapter, scale in adapters:
+            for (subfolder, param), delta in adapter.deltas(scale).items():
+                if subfolder == spec.weights:
+                    module.get_parameter(spec.prefix + param).add_(delta)
+
+
+def _reserve_rows(module: torch.nn.Module, spec: ComponentSpec, slots: int) -> None:
+    """Grow the token embedding by `slots` zero rows: ids vocab .. vocab+slots-1 exist in the ONNX and are
+    filled at run time by Textual Inversion (a zero row is never read until a token is assigned it)."""
+    owner_name, _, attr = (spec.prefix + spec.token_embedding).rpartition(".")
+    owner = module.get_submodule(owner_name)
+    weight = getattr(owner, attr)
+    grown = torch.cat([weight.detach(), weight.new_zeros(slots, weight.shape[1])])
+    setattr(owner, attr, torch.nn.Parameter(grown, requires_grad=False))
+    owner.num_embeddings = grown.shape[0]
+
+
 def check_size(height: int, width: int) -> None:
     for name, v in (("height", height), ("width", width)):
         if v <= 0 or v % VAE_FACTOR:
@@ -98,10 +140,15 @@ def export_model(
     fp16_vae: bool = False,
     allow_pickle: bool = False,
     external_data_threshold: int = graph.EXTERNAL_DATA_THRESHOLD,
+    loras: Sequence[tuple[str | Path, float]] = (),
+    embedding_slots: int = EMBEDDING_SLOTS,
     show_progress: bool = True,
     log=print,
 ) -> Path:
-    """Export, clean and validate each component into `out`; returns `out`. All or nothing."""
+    """Export, clean and validate each component into `out`; returns `out`. All or nothing.
+
+    `loras` are merged into the weights (W + scale·ΔW) before tracing; `embedding_slots` rows are
+    reserved after each text encoder's vocabulary for Textual Inversion at run time."""
     require("onnx", "export", "sdtrt export")
     require("onnxruntime", "export", "sdtrt export")
     if dtype not in DTYPES:
@@ -116,6 +163,10 @@ def export_model(
     width = width if width is not None else src.default_size[1]
     check_size(height, width)
     dtypes = component_dtypes([src.specs[n] for n in names], dtype, fp16_vae)
+    if not isinstance(embedding_slots, int) or not 0 <= embedding_slots <= MAX_EMBEDDING_SLOTS:
+        raise SdtrtError(f"embedding_slots={embedding_slots!r} is outside 0-{MAX_EMBEDDING_SLOTS}.", "pass 0 or more (default 32)",
+                         cli_fix=f"pass --embedding-slots between 0 and {MAX_EMBEDDING_SLOTS}")
+    adapters = _adapters(src, loras, allow_pickle)  # every file read and checked before any work
     if not validate_outputs:
         log("WARNING: --no-validate: the ONNX files are NOT checked against the torch model.")
 
@@ -132,6 +183,9 @@ def export_model(
             # One component's torch module at a time, freed before the graph work: a full-size UNet
             # is 3.4 GB in fp32 and the ONNX clean-up holds copies of the graph.
             module = _load(spec, src)
+            _merge(module, spec, adapters)
+            if spec.token_embedding:
+                _reserve_rows(module, spec, embedding_slots)
             expected = validate.reference_outputs(module, inputs) if validate_outputs else None
             if dtypes[name] == "fp16":
                 module = module.half()
@@ -139,6 +193,7 @@ def export_model(
             # Traced at a small size: the graph is the same at every size (dynamic axes), and tracing
             # runs the module once, which in fp16 on a CPU takes many minutes at 512 x 512.
             side = spec.trace_side
+            matrices = {n.removeprefix(spec.prefix): list(p.shape) for n, p in module.named_parameters() if p.dim() >= 2}
             weights = graph.torch_to_onnx(module, _cast(sample_inputs(spec, side, side, seed=1), dtypes[name]), spec, raw, opset)
             del module
             gc.collect()
@@ -155,7 +210,7 @@ def export_model(
                 validate.raise_on_failure(found)
             bar.update()
             files[name] = OnnxFile(f"{name}/model.onnx", dtypes[name], file_sha256(final), final.stat().st_size, external,
-                                   round(time.time() - t0, 2))
+                                   round(time.time() - t0, 2), matrices)
         bar.close()
         graph.remove(tmp / ".raw")
         tokenizers = {}
@@ -171,6 +226,8 @@ def export_model(
             dtype=dtype, opset=opset, default_size=[height, width], sdtrt_version=__version__,
             torch_version=torch.__version__, python=sys.version.split()[0], export_seconds=round(time.time() - started, 1),
             validation=[dict(vars(c), ok=c.ok) for c in checks],
+            adapters=[AdapterRecord(str(Path(a.path).absolute()), a.sha256, scale) for a, scale in adapters],
+            embedding_slots=embedding_slots,
         ).write(tmp)  # written last: its presence means complete
     if checks:
         log(validate.format_table(checks))

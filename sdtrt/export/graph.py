@@ -119,9 +119,17 @@ def clean_and_save(raw_path: Path, out_path: Path, spec: ComponentSpec,
     if external:
         onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=out_path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(out_path))
-    return external
+        return True
+    # The named weight matrices go to model.onnx.data even in small files: ONNX Runtime can replace an
+    # initializer before it optimizes the graph only when it is stored outside the proto
+    # (SessionOptions.add_external_initializers), which is how adapters change weights at run time.
+    from onnx.external_data_helper import set_external_data
+
+    named = [t for t in model.graph.initializer if t.name in weights and len(t.dims) >= 2]
+    for t in named:
+        set_external_data(t, location=out_path.name + ".data")
+    onnx.save_model(model, str(out_path))
+    return bool(named)
 
 
 def infer_shapes_in_place(model) -> None:

@@ -61,6 +61,7 @@ class ComponentSpec:
     trace_side: int = 64  # image side (px) the module is traced at (the graph is the same at every size)
     sample_values: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)  # fixed inputs, e.g. time ids
     ids_range: tuple[int, int, int] = (0, 49406, 49407)  # (low, bos, eos) token ids for sample ids
+    token_embedding: str | None = None  # a text encoder's token embedding (torch name), grown for Textual Inversion
     tolerances: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(TOLERANCES))
 
     @property

@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -20,6 +20,7 @@ from ..artifacts import ModelDir, open_model_dir
 from ..errors import OutOfMemory, SdtrtError
 from ..models.spec import VAE_FACTOR
 from . import backends, latents as start, schedulers
+from .adapters import Adapters
 from .denoise import CallbackHook, CancelHook, ProgressHook, Step, StepHook, denoise
 from .images import to_pil
 from .noise import randn
@@ -111,6 +112,7 @@ class Pipeline:
         self.family = model.family
         self.config = model.meta.config
         self.tokenizers = {e: CLIPTokenizer.from_dir(model.tokenizer_dir(e)) for e in model.meta.tokenizers}
+        self.adapters = Adapters(model, backend, self.tokenizers)
         self.default_scheduler = schedulers.resolve(model.meta.scheduler_config.get("_class_name", "PNDMScheduler"))
         self._local = threading.local()  # the request being run on this thread, for error messages
 
@@ -124,6 +126,15 @@ class Pipeline:
         """Open an ONNX dir (backend 'onnxruntime') or an engine dir (backend 'tensorrt'); 'auto' picks."""
         model = open_model_dir(path)
         return cls(model, backends.load(backend, model, **backend_options))
+
+    def set_loras(self, loras: Sequence[tuple[str | Path, float]], allow_pickle: bool = False) -> None:
+        """Make exactly these (file, scale) LoRA / LyCORIS pairs active, without re-export: weights become
+        base + Σ scale·ΔW (an empty list restores the export's). Files are checked before anything changes."""
+        self.adapters.set_loras(loras, allow_pickle)
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None, allow_pickle: bool = False) -> list[str]:
+        """Add a Textual Inversion embedding (A1111, diffusers, kohya or SDXL layout); returns its tokens."""
+        return self.adapters.load_embedding(path, token, allow_pickle)
 
     def close(self) -> None:
         closer = getattr(self.backend, "close", None)
@@ -349,5 +360,7 @@ class Pipeline:
             "steps": r.steps, "sampler": schedulers.display_name(r.scheduler or self.default_scheduler),
             "guidance_scale": r.guidance_scale, "seed": r.seed, "height": r.height, "width": r.width,
             "model_hash": self.model.model_hash, "clip_skip": r.clip_skip, "strength": r.strength,
+            "loras": [(Path(a.path).stem, a.sha256) for a, _ in self.adapters.loras],
+            "embeddings": [(token, emb.sha256) for token, (emb, _) in self.adapters.embeddings.items()],
         } for i in range(r.batch)]
 

@@ -44,6 +44,7 @@ def spec(name: str, config: Mapping[str, Any], *, penultimate: bool = False, poo
         prefix="model.",
         load=lambda model_dir, allow_pickle: load(Path(model_dir) / name, allow_pickle, k, penultimate, pooled),
         ids_range=(0, vocab - 2, vocab - 1),
+        token_embedding="text_model.embeddings.token_embedding.weight",
     )
 
 

@@ -30,3 +30,8 @@ class Backend(Protocol):
     def check_shapes(self, component: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Raise SdtrtError (naming the fix) if the component cannot take these input shapes."""
         ...
+
+    def set_weights(self, component: str, weights: Mapping[str, torch.Tensor]) -> None:
+        """Run the component with these weights (by ONNX initializer name) in place of its own; a name left
+        out takes the original value again. Used by LoRA switching and Textual Inversion."""
+        ...

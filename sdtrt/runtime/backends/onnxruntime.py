@@ -56,24 +56,48 @@ class OnnxRuntimeBackend:
         self._sessions: dict[str, Any] = {}
         self._specs = model.specs
         self._dtypes: dict[str, dict[str, torch.dtype]] = {}
+        self._session_args = (threads, inter_op_threads, graph_optimization_level, providers, dict(session_config or {}))
+        self._weights: dict[str, tuple] = {}  # component -> the replaced initializers, kept alive for its session
         wanted = components or set(model.files)
         for name in sorted(wanted & set(model.files)):
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = inter_op_threads
-            opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[graph_optimization_level])
-            opts.log_severity_level = 3
-            for key, value in (session_config or {}).items():
-                opts.add_session_config_entry(key, value)
-            path = model.root / model.files[name].path
-            try:
-                self._sessions[name] = ort.InferenceSession(str(path), opts, providers=providers or self._providers())
-            except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own exception types for damaged files
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise SdtrtError(f"ONNX Runtime cannot load {path}: {first[:300]}",
-                                 f"re-export the model: sdtrt export {model.meta.source.path} --out {model.root} --force") from None
+            self._sessions[name] = self._session(name, {})
             spec, precision = self._specs[name], model.dtype(name)
             self._dtypes[name] = {t.name: TORCH_DTYPES[t.concrete_dtype(precision)] for t in spec.inputs + spec.outputs}
+
+    def _session(self, name: str, weights: Mapping[str, Any]):
+        """An InferenceSession for one component; `weights` (initializer name -> OrtValue) replace the
+        file's values before the graph is optimized (folding, pre-packing see the new values), which
+        ONNX Runtime allows for initializers stored as external data - the export stores every weight
+        matrix so."""
+        import onnxruntime as ort
+
+        threads, inter_op, level, providers, config = self._session_args
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = inter_op
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
+        opts.log_severity_level = 3
+        for key, value in config.items():
+            opts.add_session_config_entry(key, value)
+        if weights:
+            opts.add_external_initializers(list(weights), list(weights.values()))
+        path = self.model.root / self.model.files[name].path
+        try:
+            return ort.InferenceSession(str(path), opts, providers=providers or self._providers())
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own exception types for damaged files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SdtrtError(f"ONNX Runtime cannot load {path}: {first[:300]}",
+                             f"re-export the model: sdtrt export {self.model.meta.source.path} --out {self.model.root} --force") from None
+
+    def set_weights(self, component: str, weights: Mapping[str, torch.Tensor]) -> None:
+        """Run `component` with these initializers replaced (by name); every other one, and every one left
+        out, takes the file's value. Calls already running finish on the previous session."""
+        import onnxruntime as ort
+
+        arrays = {k: v.detach().to("cpu").contiguous().numpy() for k, v in weights.items()}
+        values = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()}
+        session = self._session(component, values)
+        self._sessions[component], self._weights[component] = session, (arrays, values)
 
     def _providers(self) -> list:
         if self.device.type == "cuda":

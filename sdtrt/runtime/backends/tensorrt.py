@@ -101,6 +101,7 @@ class TensorRTBackend:
         self._done = torch.cuda.Event()
         self._done.record(torch.cuda.current_stream(self.device))
         self._graphs = _Graphs(self) if cuda_graphs and not self.tk.is_rtx else None
+        self._refitted: dict[str, set[str]] = {}  # component -> weight names replaced by set_weights
 
     def _context(self, engine, cuda_graphs: bool):
         trt = self.tk.trt
@@ -162,6 +163,33 @@ class TensorRTBackend:
         if not ctx.execute_async_v3(stream.cuda_stream):
             raise SdtrtError(f"{component} failed to run: " + "; ".join(self.logger.errors[-3:] or ["no message"]), f"rebuild: {_rebuild(self.model)}")
         return outputs
+
+    def set_weights(self, component: str, weights: Mapping[str, torch.Tensor]) -> None:
+        """Refit the engine's weights by name (engines built with --refit). Every name set earlier must be
+        given again (with its original value to restore it): an engine, unlike a session, keeps what it
+        was refitted with. `sdtrt.runtime.adapters` always passes the full set."""
+        if not self.model.manifest.flags.get("refit"):
+            raise SdtrtError(f"the engines in {self.model.root} were built without --refit, so their weights cannot change "
+                             "(LoRA switching and Textual Inversion refit them).", f"rebuild refittable engines: {_rebuild(self.model)} --refit")
+        dropped = self._refitted.get(component, set()) - set(weights)
+        if dropped:
+            raise SdtrtError(f"{component}: {sorted(dropped)[0]} was refitted before and is not given again.",
+                             "pass every earlier weight with its original value (sdtrt.runtime.adapters does)")
+        trt = self.tk.trt
+        refitter = trt.Refitter(self._engines[component], self.logger)
+        refitter.weights_validation = True  # refuse NaN/inf and shape mismatches instead of running on them
+        arrays = [(name, t.detach().to("cpu").contiguous().numpy()) for name, t in weights.items()]
+        for name, array in arrays:
+            if not refitter.set_named_weights(name, trt.Weights(array)):
+                raise SdtrtError(f"{component} has no refittable weight {name}.", f"rebuild with --refit: {_rebuild(self.model)} --refit")
+        with self._lock:  # no engine call may run while its weights change
+            torch.cuda.current_stream(self.device).synchronize()
+            ok = refitter.refit_cuda_engine()
+        if not ok:
+            missing = refitter.get_missing_weights()
+            raise SdtrtError(f"refitting {component} failed" + (f" (missing {', '.join(list(missing)[:3])})" if missing else "") + ": "
+                             + "; ".join(self.logger.errors[-3:] or ["no message"]), f"rebuild: {_rebuild(self.model)} --refit")
+        self._refitted[component] = set(weights)
 
     def close(self) -> None:
         """Save the TensorRT-RTX runtime cache (if one was asked for)."""

@@ -134,3 +134,13 @@ def apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     zf = zf * weights[:, :, None].to(zf.device)
     after = zf.mean(dim=(1, 2), keepdim=True)
     return (zf * (before / after)).to(z.dtype)
+
+
+_LORA_TAG = re.compile(r"<lora:([^:>]*)(?::([^:>]*))?(?::[^>]*)?>")
+
+
+def lora_tags(prompt: str) -> tuple[str, list[tuple[str, str]]]:
+    """A1111's `<lora:NAME>` / `<lora:NAME:SCALE>` tags: (the prompt without them, [(NAME, SCALE text)]).
+    A1111 removes the tags from the text the encoder sees; a missing scale means 1."""
+    tags = [(m.group(1).strip(), (m.group(2) or "1").strip()) for m in _LORA_TAG.finditer(prompt)]
+    return _LORA_TAG.sub("", prompt), tags

@@ -114,8 +114,20 @@ class CLIPTokenizer:
         # content -> (id, lstrip, rstrip); longest first so that a longer token wins at a position
         added = added_tokens or {BOS: {"id": self.bos_id}, EOS: {"id": self.eos_id}}
         self.added = {k: (v["id"], bool(v.get("lstrip")), bool(v.get("rstrip"))) for k, v in added.items()}
-        self._added_re = re.compile("|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)))
+        self.expansions: dict[str, tuple[int, ...]] = {}  # Textual Inversion: "tok" -> ids of tok, tok_1, ...
+        self._compile_added()
         self._cache: dict[str, tuple[int, ...]] = {}
+
+    def _compile_added(self) -> None:
+        self._added_re = re.compile("|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)))
+
+    def add_tokens(self, tokens: dict[str, int], expand: dict[str, list[int]] | None = None) -> None:
+        """Add tokens with fixed ids (Textual Inversion). `expand` maps a multi-vector embedding's token to
+        all its ids, as diffusers rewrites "tok" to "tok tok_1 ..." before tokenizing."""
+        for content, tid in tokens.items():
+            self.added[content] = (tid, False, False)
+        self.expansions.update({k: tuple(v) for k, v in (expand or {}).items()})
+        self._compile_added()
 
     @classmethod
     def from_dir(cls, folder: Path | str) -> "CLIPTokenizer":
@@ -186,7 +198,7 @@ class CLIPTokenizer:
         ids: list[int] = []
         for chunk, tid in self._split_added(text):
             if tid is not None:
-                ids.append(tid)
+                ids.extend(self.expansions.get(chunk, (tid,)))
             else:
                 for word in pre_tokenize(clean(chunk)):
                     ids.extend(self._bpe(word))
