@@ -59,6 +59,7 @@ class OnnxFile:
     external_data: bool
     export_seconds: float = 0.0
     weights: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # torch name -> shape of each weight matrix (initializer = spec.prefix + name)
+    unused: list[str] = dataclasses.field(default_factory=list)  # of those, the ones the graph never reads (pruned: e.g. SDXL's last text layer)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -283,3 +283,45 @@ def test_bad_lora_tags_are_refused(tiny_onnx, weights, tmp_path, capsys, tag, wo
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+# --- SDXL ---------------------------------------------------------------------------------------------
+
+
+def test_sdxl_lora_on_the_unet_and_both_text_encoders_matches_diffusers(tiny_sdxl_onnx, tiny_sdxl_model, tmp_path):
+    from sdtrt.adapters import weights_for
+
+    table = weights_for(family_config(tiny_sdxl_model))
+    sd, i = {}, 0
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        for param, shape in table[component].items():
+            if any(k in param for k in (".to_q.", ".to_v.", "q_proj", "v_proj")):
+                key = f"{component}.{param.removesuffix('.weight')}"
+                sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"] = factors(shape, 2, i, std=0.3)
+                i += 1
+    lora = tmp_path / "xl.safetensors"
+    save_file(sd, str(lora))
+    ours = Pipeline.load(tiny_sdxl_onnx)
+    ours.set_loras([(lora, 0.9)])
+    oracle = reference_pipeline(tiny_sdxl_model, cls_name="StableDiffusionXLPipeline")
+    oracle.load_lora_weights(str(tmp_path), weight_name=lora.name)
+    oracle.fuse_lora(lora_scale=0.9)
+    _same(_images(ours), _their_images(oracle))
+    assert psnr(_images(ours)[0], _images(Pipeline.load(tiny_sdxl_onnx))[0]) < 35
+
+
+def test_sdxl_embedding_fills_both_encoders_like_diffusers(tiny_sdxl_onnx, tiny_sdxl_model, tmp_path):
+    g = torch.Generator().manual_seed(8)
+    path = tmp_path / "style.safetensors"
+    save_file({"clip_l": torch.randn(1, 32, generator=g), "clip_g": torch.randn(1, 32, generator=g)}, str(path))
+    ours = Pipeline.load(tiny_sdxl_onnx)
+    ours.load_textual_inversion(path, token="<s>")
+    oracle = reference_pipeline(tiny_sdxl_model, cls_name="StableDiffusionXLPipeline")
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    oracle.load_textual_inversion(state["clip_l"], token="<s>", text_encoder=oracle.text_encoder, tokenizer=oracle.tokenizer)
+    oracle.load_textual_inversion(state["clip_g"], token="<s>", text_encoder=oracle.text_encoder_2, tokenizer=oracle.tokenizer_2)
+    prompt = "a <s> fox"
+    _same(ours(prompt, **CALL).images,
+          oracle(prompt, negative_prompt="blurry", num_inference_steps=CALL["steps"], generator=seeded(CALL["seed"])).images)

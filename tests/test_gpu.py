@@ -78,3 +78,32 @@ def test_onnxruntime_cuda_provider_matches_cpu(tiny_onnx):
     cuda = _images(Pipeline.load(tiny_onnx, backend="onnxruntime", device="cuda"))
     cpu = _images(Pipeline.load(tiny_onnx, backend="onnxruntime"))
     assert all(psnr(a, b) >= 40 for a, b in zip(cuda, cpu))
+
+
+@needs_engines
+@pytest.mark.gpu
+def test_loras_and_embeddings_refit_engines_like_onnxruntime(tiny_onnx, tmp_path):
+    """set_loras / load_textual_inversion on --refit engines give ONNX Runtime's images (refit by weight name)."""
+    from safetensors.torch import save_file
+
+    from tests.test_adapters import kohya_lora
+    from tests.test_adapter_formats import family_config
+    from sdtrt.adapters import weights_for
+
+    engines = build_engines(tiny_onnx, tmp_path / "eng", backend=_engine_library(), batch="1:2:2", refit=True,
+                            cache=tmp_path / "c", show_progress=False)
+    lora = kohya_lora(tmp_path / "l.safetensors", weights_for(family_config(open_model_dir_source(tiny_onnx))))
+    save_file({"emb_params": torch.randn(2, 32)}, str(tmp_path / "e.safetensors"))
+    results = []
+    for pipe in (Pipeline.load(engines), Pipeline.load(tiny_onnx, backend="onnxruntime")):
+        pipe.load_textual_inversion(tmp_path / "e.safetensors", token="<e>")
+        pipe.set_loras([(lora, 0.7)])
+        results.append(pipe(["a <e> fox", "a red bicycle"], negative_prompt=["blurry", "ugly"], steps=6, seed=4, progress=False).images)
+        pipe.set_loras([])
+    assert all(psnr(a, b) >= 40 for a, b in zip(*results))
+
+
+def open_model_dir_source(onnx_dir):
+    from sdtrt.artifacts import open_model_dir
+
+    return open_model_dir(onnx_dir).meta.source.path

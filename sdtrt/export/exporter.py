@@ -209,8 +209,9 @@ def export_model(
                 checks += found
                 validate.raise_on_failure(found)
             bar.update()
+            present = graph.initializer_names(final)
             files[name] = OnnxFile(f"{name}/model.onnx", dtypes[name], file_sha256(final), final.stat().st_size, external,
-                                   round(time.time() - t0, 2), matrices)
+                                   round(time.time() - t0, 2), matrices, sorted(n for n in matrices if spec.prefix + n not in present))
         bar.close()
         graph.remove(tmp / ".raw")
         tokenizers = {}

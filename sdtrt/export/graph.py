@@ -132,6 +132,12 @@ def clean_and_save(raw_path: Path, out_path: Path, spec: ComponentSpec,
     return bool(named)
 
 
+def initializer_names(path: Path) -> set[str]:
+    import onnx
+
+    return {t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+
+
 def infer_shapes_in_place(model) -> None:
     """ONNX shape inference on a copy without the large weights' bytes (their dims suffice), results copied back."""
     import onnx

@@ -163,6 +163,8 @@ class Adapters:
         for adapter, scale in self.loras:  # in the given order, so sums are reproducible to the bit
             for (subfolder, param), delta in adapter.deltas(scale).items():
                 component = self._subfolder[subfolder]
+                if param in self.model.meta.components[component].unused:
+                    continue  # a weight the exported graph never reads (as in diffusers, it changes nothing)
                 name = self._specs[component].prefix + param
                 acc = deltas.setdefault(component, {})
                 acc[name] = acc[name] + delta if name in acc else delta
