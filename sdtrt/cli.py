@@ -181,6 +181,16 @@ def embedding_arg(text: str) -> tuple[Path, str | None]:
     return adapter_file(path), token
 
 
+def controlnet_arg(text: str) -> tuple[Path, str | None]:
+    """DIR or DIR:NAME."""
+    if Path(text).is_dir():
+        return Path(text), None
+    path, sep, name = text.rpartition(":")
+    if sep and Path(path).is_dir():
+        return Path(path), name
+    raise argparse.ArgumentTypeError(f"{text} is not a ControlNet folder (DIR or DIR:NAME)")
+
+
 def size_pair(text: str) -> tuple[int, int]:
     """HEIGHTxWIDTH (or H,W), as SDXL's size conditioning takes it."""
     parts = text.lower().replace(",", "x").split("x")
@@ -234,7 +244,7 @@ def _add(sub, name: str, help: str, description: str, examples: str) -> argparse
 
 
 def _make_model_parser(sub) -> None:
-    from .models.presets import PRESETS
+    from .models.presets import CONTROLNET_PRESETS, PRESETS
 
     p = _add(sub, "make-model", "write a diffusers model folder with random weights from a preset",
              """\
@@ -243,12 +253,12 @@ def _make_model_parser(sub) -> None:
              vocabulary. diffusers' pipeline class for the preset loads it with from_pretrained.
 
              presets:
-             """ + "\n".join(f"  {n:<18} {p.description}" for n, p in PRESETS.items()),
+             """ + "\n".join(f"  {n:<21} {p.description}" for n, p in {**PRESETS, **CONTROLNET_PRESETS}.items()),
              """\
              sdtrt make-model --preset tiny --out out/tiny
              sdtrt make-model --preset sd15 --out models/sd15 --seed 1
              """)
-    p.add_argument("--preset", required=True, choices=list(PRESETS), help="architecture to build")
+    p.add_argument("--preset", required=True, choices=[*PRESETS, *CONTROLNET_PRESETS], help="architecture to build")
     p.add_argument("--out", required=True, type=Path, help="folder to write (must not exist, unless --force)")
     p.add_argument("--seed", type=seed, default=0, help="seed for the random weights, 0..2^64-1")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -296,6 +306,9 @@ def _export_parser(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="load .bin/.ckpt pickle weights and adapter files (can run code: only for files you trust)")
     p.add_argument("--lora", action="append", type=lora_arg, default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA / LyCORIS file into the exported weights (repeatable; recorded in sdtrt.json)")
+    p.add_argument("--controlnet", action="append", type=controlnet_arg, default=[], metavar="DIR[:NAME]",
+                   help="export a diffusers ControlNet folder with the model, as component controlnet_NAME (repeatable; "
+                        "NAME defaults to the folder's name); the UNet then takes ControlNet residuals")
     p.add_argument("--embedding-slots", type=nonnegative_int, default=32, metavar="N",
                    help="token-embedding rows reserved for Textual Inversion at run time (0: none)")
     p.add_argument("--external-data-threshold", type=nonnegative_int, default=EXTERNAL_DATA_THRESHOLD, metavar="BYTES",
@@ -315,7 +328,7 @@ def _run_export(a: argparse.Namespace) -> None:
         a.model_dir, a.out, components=_components(a.components), dtype=a.dtype,
         opset=a.opset, force=a.force, validate_outputs=not a.no_validate, height=a.height, width=a.width,
         fp16_vae=a.fp16_vae, allow_pickle=a.allow_pickle, external_data_threshold=a.external_data_threshold,
-        loras=a.lora, embedding_slots=a.embedding_slots, show_progress=not a.no_progress,
+        loras=a.lora, embedding_slots=a.embedding_slots, controlnets=a.controlnet, show_progress=not a.no_progress,
     )
     print(f"wrote ONNX to {out}")
 
@@ -328,7 +341,9 @@ _FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "num_image
           "prompt_syntax": "--prompt-syntax", "prompt_2": "--prompt-2", "negative_prompt_2": "--negative-prompt-2",
           "original_size": "--original-size", "target_size": "--target-size", "crops_coords_top_left": "--crops-coords-top-left",
           "negative_original_size": "--negative-original-size", "negative_target_size": "--negative-target-size",
-          "aesthetic_score": "--aesthetic-score", "negative_aesthetic_score": "--negative-aesthetic-score"}
+          "aesthetic_score": "--aesthetic-score", "negative_aesthetic_score": "--negative-aesthetic-score",
+          "controlnet": "--controlnet", "control_image": "--control-image", "controlnet_conditioning_scale": "--control-scale",
+          "control_guidance_start": "--control-start", "control_guidance_end": "--control-end"}
 
 
 def _generate_parser(sub) -> None:
@@ -356,6 +371,7 @@ def _generate_parser(sub) -> None:
              sdtrt generate "a (red:1.3) fox, [blurry], ...long prompt..." --prompt-syntax a1111 --out fox.webp
              sdtrt generate "a fox, <lora:ink:0.7>" --prompt-syntax a1111 --lora-dir loras/ --embedding cat.pt:<cat> --allow-pickle
              sdtrt generate "a fox" --model out/sdxl-onnx --refiner out/sdxl-refiner-onnx --steps 40 --out fox.png
+             sdtrt generate "a house" --model out/cn-onnx --controlnet canny --control-image photo.png --control-preprocess canny
              """)
     p.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
     p.add_argument("--model", type=Path, help="ONNX dir (sdtrt export) or engine dir (sdtrt build); default: the tiny demo model")
@@ -385,6 +401,16 @@ def _generate_parser(sub) -> None:
     p.add_argument("--embedding", action="append", type=embedding_arg, default=[], metavar="FILE[:TOKEN]",
                    help="load a Textual Inversion embedding (repeatable); use TOKEN in the prompt")
     p.add_argument("--allow-pickle", action="store_true", help="read .pt/.ckpt adapter files (pickle can run code: only files you trust)")
+    c = p.add_argument_group("ControlNet (repeat each flag once per ControlNet, in the same order)")
+    c.add_argument("--controlnet", action="append", default=[], metavar="NAME", help="a ControlNet exported with the model (sdtrt export --controlnet)")
+    c.add_argument("--control-image", action="append", type=image_file, default=[], metavar="FILE", help="its control image")
+    c.add_argument("--control-scale", action="append", type=nonnegative, default=[], metavar="S",
+                   help="its conditioning scale (default: diffusers', 1.0; img2img 0.8; SD inpainting 0.5)")
+    c.add_argument("--control-start", action="append", type=unit_interval, default=[], metavar="F", help="fraction of the steps before it starts (default 0)")
+    c.add_argument("--control-end", action="append", type=unit_interval, default=[], metavar="F", help="fraction of the steps after which it stops (default 1)")
+    c.add_argument("--guess-mode", action="store_true", help="ControlNets see the conditional half only; their residuals ramp from 0.1 to 1")
+    c.add_argument("--control-preprocess", choices=["none", "canny"], default="none", help="turn each --control-image into an edge map first (OpenCV Canny)")
+    c.add_argument("--canny-thresholds", type=nonnegative_int, nargs=2, default=[100, 200], metavar=("LOW", "HIGH"), help="Canny's hysteresis thresholds")
     g = p.add_argument_group("SDXL")
     g.add_argument("--prompt-2", action="append", help="prompt for the second text encoder (default: the prompt)")
     g.add_argument("--negative-prompt-2", action="append", help="negative prompt for the second text encoder")
@@ -469,6 +495,31 @@ def _texts(values: list[str] | None):
     return values[0] if values and len(values) == 1 else values
 
 
+def _control(a: argparse.Namespace) -> dict:
+    """The ControlNet flags as Request fields (each flag once per --controlnet, or once for all)."""
+    if not a.controlnet and not a.control_image:
+        return {}
+    n = max(len(a.controlnet), 1)
+    for flag, values in (("--control-image", a.control_image), ("--control-scale", a.control_scale),
+                         ("--control-start", a.control_start), ("--control-end", a.control_end)):
+        if values and len(values) not in (1, n):
+            raise SdtrtError(f"{len(values)} {flag} values for {n} --controlnet.", cli_fix=f"give {flag} once, or once per --controlnet")
+    images = list(a.control_image)
+    if a.control_preprocess == "canny":
+        from .runtime.controlnet import canny
+
+        images = [canny(i, *a.canny_thresholds) for i in images]
+    one = (lambda v: v[0] if len(v) == 1 else v)
+    fields = {"controlnet": a.controlnet or None, "control_image": one(images) if images else None, "guess_mode": a.guess_mode}
+    if a.control_scale:
+        fields["controlnet_conditioning_scale"] = one(a.control_scale)
+    if a.control_start:
+        fields["control_guidance_start"] = one(a.control_start)
+    if a.control_end:
+        fields["control_guidance_end"] = one(a.control_end)
+    return fields
+
+
 def _adapter_list(a: argparse.Namespace, prompts: list[str]) -> tuple[list[str], list[tuple[Path, float]]]:
     """--lora files plus, with --prompt-syntax a1111, the prompts' <lora:NAME:SCALE> tags (removed from
     the text, as A1111 does); the tags resolve only inside --lora-dir."""
@@ -508,7 +559,7 @@ def _run_generate(a: argparse.Namespace) -> None:
                       target_size=a.target_size, crops_coords_top_left=a.crops_coords_top_left or (0, 0),
                       negative_original_size=a.negative_original_size, negative_target_size=a.negative_target_size,
                       **{k: v for k, v in (("aesthetic_score", a.aesthetic_score), ("negative_aesthetic_score", a.negative_aesthetic_score))
-                         if v is not None}).check()
+                         if v is not None}, **_control(a)).check()
     if a.scheduler:
         _scheduler_name(a.scheduler)
     # everything about the outputs is decided and checked before any model is made or loaded

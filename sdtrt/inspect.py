@@ -55,6 +55,11 @@ def describe(path: Path, layers: bool = False, verify: bool = False) -> str:
              f"model: {family.describe(meta.config)} ({meta.pipeline_class}), native size {meta.default_size[0]}x{meta.default_size[1]}, "
              f"prediction {meta.scheduler_config.get('prediction_type', 'epsilon')}, scheduler {meta.scheduler_config.get('_class_name')}",
              f"source weights sha256 {meta.source.sha256[:16]}..., exported by sdtrt {meta.sdtrt_version} (opset {meta.opset})"]
+    nets = [n.removeprefix("controlnet_") for n in model.files if n.startswith("controlnet_")]
+    if nets:
+        lines.append(f"ControlNets: {', '.join(nets)} (the UNet takes their residuals)")
+    if meta.adapters:
+        lines.append("merged at export: " + ", ".join(f"{Path(a.path).name} x{a.scale}" for a in meta.adapters))
     if model.kind == "onnx":
         lines.append(f"{'component':<16}{'dtype':<7}{'size':>10}  {'external':<10}inputs")
         for name, f in meta.components.items():

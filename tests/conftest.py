@@ -92,3 +92,21 @@ def tiny_sdxl_refiner_onnx(tiny_sdxl_refiner_model, tmp_path_factory) -> Path:
 
     return export_model(tiny_sdxl_refiner_model, tmp_path_factory.mktemp("onnx") / "sdxl-refiner",
                         components=["text_encoder_2", "unet", "vae_decoder", "vae_encoder"], show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnets(tmp_path_factory) -> list[Path]:
+    """Two ControlNets for `tiny` (different seeds): names 'edges' and 'depth' in the export below."""
+    from sdtrt.models.presets import make_model
+
+    root = tmp_path_factory.mktemp("controlnets")
+    return [make_model("tiny-controlnet", root / name, seed=seed) for name, seed in (("edges", 0), ("depth", 1))]
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_onnx(tiny_model, tiny_controlnets, tmp_path_factory) -> Path:
+    from sdtrt.export import export_model
+
+    return export_model(tiny_model, tmp_path_factory.mktemp("onnx") / "controlnet",
+                        components=["text_encoder", "unet", "vae_decoder", "vae_encoder", "controlnet_edges", "controlnet_depth"],
+                        controlnets=[(p, p.name) for p in tiny_controlnets], show_progress=False)

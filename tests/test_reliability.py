@@ -429,6 +429,16 @@ BAD = {
     "generate prompt-2 on sd": (GEN + " --prompt-2 'a dog'", "--prompt-2"),
     "generate refiner missing": (GEN + " --refiner {tmp}/nope", "--refiner"),
     "generate refiner-start 0": (GEN + " --refiner-start 0", "--refiner-start"),
+    "export controlnet missing": (EXPORT + " --controlnet {tmp}/nope", "--controlnet"),
+    "export controlnet not one": (EXPORT + " --controlnet {inp}/folder", "--controlnet"),
+    "generate control-image missing": (GEN + " --controlnet edges --control-image {tmp}/nope.png", "--control-image"),
+    "generate control-image text": (GEN + " --controlnet edges --control-image {inp}/text.png", "--control-image"),
+    "generate control-scale nan": (GEN + " --controlnet edges --control-image {inp}/img.png --control-scale nan", "--control-scale"),
+    "generate control-start 2": (GEN + " --controlnet edges --control-image {inp}/img.png --control-start 2", "--control-start"),
+    "generate control counts": (GEN + " --controlnet a --controlnet b --control-image {inp}/img.png --control-scale 1 --control-scale 1 --control-scale 1",
+                                "--control-scale"),
+    "generate controlnet on a plain export": (GEN + " --control-image {inp}/img.png", "--controlnet"),
+    "generate control preprocess unknown": (GEN + " --control-preprocess sobel", "--control-preprocess"),
 }
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -15,6 +17,7 @@ from .. import __version__
 from ..artifacts import AdapterRecord, ExportMeta, OnnxFile, Source, Tokenizer
 from ..errors import SdtrtError, require
 from ..files import atomic_dir, check_not_inside, check_output_dir, file_sha256
+from ..models.families.base import read_json
 from ..models.spec import VAE_FACTOR, ComponentSpec, TensorSpec, nearest_sizes, sizes_for
 from ..progress import progress
 from . import graph, validate
@@ -121,6 +124,56 @@ def _reserve_rows(module: torch.nn.Module, spec: ComponentSpec, slots: int) -> N
     owner.num_embeddings = grown.shape[0]
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def with_controlnets(src: SourceModel, controlnets: Sequence[tuple[str | Path, str | None]], allow_pickle: bool) -> SourceModel:
+    """The source model plus these ControlNet folders (each checked against the base UNet before any work):
+    each becomes a component `controlnet_<name>` and the UNet takes their residuals."""
+    if not controlnets:
+        return src
+    from .source import _weights
+
+    nets: dict[str, Any] = {}
+    files = list(src.weight_files)
+    pickled = src.pickle_weights
+    for folder, name in controlnets:
+        folder = Path(folder)
+        name = name or folder.name
+        if not _NAME.match(name):
+            raise SdtrtError(f"ControlNet name {name!r} is not a simple name (letters, digits, '-', '_').",
+                             "pass (folder, 'canny')", cli_fix=f"pass --controlnet {folder}:canny")
+        if name in nets:
+            raise SdtrtError(f"two ControlNets are named {name!r}.", "give each its own name",
+                             cli_fix=f"name them: --controlnet {folder}:{name}2")
+        if not (folder / "config.json").is_file():
+            raise SdtrtError(f"{folder} is not a diffusers ControlNet folder (no config.json).",
+                             "pass a folder written by ControlNetModel.save_pretrained (or sdtrt make-model --preset tiny-controlnet)",
+                             cli_fix="pass --controlnet a folder written by ControlNetModel.save_pretrained (or: sdtrt make-model --preset tiny-controlnet)")
+        config = read_json(folder / "config.json")
+        check_controlnet(folder, config, src)
+        found, pickle = _weights(folder, allow_pickle)
+        files += found
+        pickled |= pickle
+        nets[name] = {"source": str(folder.absolute()), "config": config}
+    return dataclasses.replace(src, config={**src.config, "controlnets": nets}, weight_files=tuple(files), pickle_weights=pickled)
+
+
+def check_controlnet(folder: Path, config: Mapping[str, Any], src: SourceModel) -> None:
+    """Refuse a ControlNet trained for another base model: its residuals must fit this UNet's skip connections."""
+    if config.get("_class_name") != "ControlNetModel":
+        raise SdtrtError(f"{folder} holds a {config.get('_class_name') or 'model without _class_name'}, not a ControlNetModel.",
+                         "pass a diffusers ControlNet folder", cli_fix="pass --controlnet a diffusers ControlNet folder")
+    unet = src.config["unet"]
+    fields = {"cross_attention_dim": "cross-attention width", "block_out_channels": "block widths",
+              "layers_per_block": "layers per block", "addition_embed_type": "added conditioning"}
+    for key, what in fields.items():
+        if config.get(key) != unet.get(key):
+            raise SdtrtError(f"the ControlNet in {folder} was built for another base model: its {what} is {config.get(key)}, "
+                             f"this {src.family.describe(src.config)} UNet's is {unet.get(key)}.",
+                             "use a ControlNet trained for this base model", cli_fix="pass --controlnet a ControlNet trained for this base model")
+
+
 def check_size(height: int, width: int) -> None:
     for name, v in (("height", height), ("width", width)):
         if v <= 0 or v % VAE_FACTOR:
@@ -142,6 +195,7 @@ def export_model(
     external_data_threshold: int = graph.EXTERNAL_DATA_THRESHOLD,
     loras: Sequence[tuple[str | Path, float]] = (),
     embedding_slots: int = EMBEDDING_SLOTS,
+    controlnets: Sequence[tuple[str | Path, str | None]] = (),
     show_progress: bool = True,
     log=print,
 ) -> Path:
@@ -157,7 +211,7 @@ def export_model(
     out = Path(out)
     check_not_inside(out, model_dir, "model folder")
     check_output_dir(out, force)
-    src = inspect_source(model_dir, allow_pickle)
+    src = with_controlnets(inspect_source(model_dir, allow_pickle), controlnets, allow_pickle)
     names = check_components(src, components)
     height = height if height is not None else src.default_size[0]
     width = width if width is not None else src.default_size[1]

@@ -90,6 +90,7 @@ def weights_sha256(files: tuple[Path, ...], root: Path) -> str:
     """One hash over every weight file (relative name and bytes), so any change to any file shows."""
     h = hashlib.sha256()
     for f in files:
-        h.update(str(f.relative_to(root)).encode() + b"\0")
+        name = f.relative_to(root) if f.is_relative_to(root) else Path(f.parent.name) / f.name  # ControlNets live outside
+        h.update(str(name).encode() + b"\0")
         h.update(file_sha256(f).encode())
     return h.hexdigest()

@@ -71,11 +71,12 @@ def compare_outputs(spec: ComponentSpec, dtype: str, onnx_path: Path, inputs: tu
 
 
 def format_table(checks: list[Check]) -> str:
-    head = f"{'component':<13}{'dtype':<6}{'output':<20}{'max_abs':>10}{'rel':>10}{'tol':>9}  result"
+    width = max([13] + [len(c.component) + 1 for c in checks])
+    head = f"{'component':<{width}}{'dtype':<6}{'output':<20}{'max_abs':>10}{'rel':>10}{'tol':>9}  result"
     rows = [head, "-" * len(head)]
     for c in checks:
         verdict = "ok" if c.ok else ("NaN/inf" if not c.finite else "MISMATCH")
-        rows.append(f"{c.component:<13}{c.dtype:<6}{c.output:<20}{c.max_abs:>10.2e}{c.rel:>10.2e}{c.tol:>9.0e}  {verdict}")
+        rows.append(f"{c.component:<{width}}{c.dtype:<6}{c.output:<20}{c.max_abs:>10.2e}{c.rel:>10.2e}{c.tol:>9.0e}  {verdict}")
     return "\n".join(rows)
 
 

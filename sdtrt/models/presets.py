@@ -304,11 +304,39 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class ControlNetPreset:
+    """A diffusers ControlNet folder for a base preset: the base UNet's encoder half (as ControlNetModel.from_unet
+    makes it) with a conditioning-image embedding; random weights, zero convolutions included (a trained
+    ControlNet's are not zero, and zero ones would make every test unable to fail)."""
+
+    name: str
+    description: str
+    base: str
+
+    pipeline_class = "ControlNetModel"
+
+    @property
+    def default_size(self) -> int:
+        return PRESETS[self.base].default_size
+
+
+CONTROLNET_PRESETS: dict[str, ControlNetPreset] = {
+    p.name: p
+    for p in [
+        ControlNetPreset("tiny-controlnet", "ControlNet for tiny (and tiny-sd2 / tiny-inpaint): tests", "tiny"),
+        ControlNetPreset("tiny-sdxl-controlnet", "ControlNet for tiny-sdxl: tests", "tiny-sdxl"),
+        ControlNetPreset("sd15-controlnet", "ControlNet with the SD 1.5 architecture (361M): benchmarks", "sd15"),
+    ]
+}
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise SdtrtError(f"unknown preset '{name}'.", f"choose one of: {', '.join(PRESETS)}") from None
+        raise SdtrtError(f"unknown preset '{name}'.", f"choose one of: {', '.join([*PRESETS, *CONTROLNET_PRESETS])}",
+                         cli_fix=f"pass --preset with one of: {', '.join([*PRESETS, *CONTROLNET_PRESETS])}") from None
 
 
 # --- the CLIP tokenizer files --------------------------------------------------------------------
@@ -386,8 +414,28 @@ def build_components(preset: Preset, seed: int, device: str = "cpu") -> dict[str
     return parts
 
 
+def make_controlnet(preset: ControlNetPreset, out: Path, seed: int = 0, force: bool = False) -> Path:
+    import torch
+
+    diffusers = require("diffusers", "export", "make-model")
+    base = PRESETS[preset.base]
+    with atomic_dir(Path(out), force) as tmp:
+        torch.manual_seed(seed)
+        unet = diffusers.UNet2DConditionModel(**base.unet)
+        net = diffusers.ControlNetModel.from_unet(unet)
+        torch.manual_seed((seed + 7) % 2**64)
+        with torch.no_grad():
+            for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+                conv.weight.normal_(0, 0.2)  # trained zero-convs are not zero: residuals must reach the UNet
+                conv.bias.normal_(0, 0.01)
+        net.eval().save_pretrained(str(tmp), safe_serialization=True)
+    return Path(out)
+
+
 def make_model(preset_name: str, out: Path, seed: int = 0, force: bool = False) -> Path:
-    """Write a diffusers-format model folder for the preset; returns its path."""
+    """Write a diffusers-format model folder for the preset (a ControlNet folder for a ControlNet preset); returns its path."""
+    if preset_name in CONTROLNET_PRESETS:
+        return make_controlnet(CONTROLNET_PRESETS[preset_name], out, seed, force)
     preset = get_preset(preset_name)
     diffusers = require("diffusers", "export", "make-model")
     transformers = require("transformers", "export", "make-model")

@@ -9,6 +9,8 @@ widths, channels and extra inputs are concrete numbers; only the per-call dimens
   T   text-encoder rows: prompts and negative prompts together (x chunks for long prompts)
   S   text tokens seen by the UNet: 77, or a multiple of 77 with long prompts
   h,w latent size; H,W = 8h, 8w image size in pixels
+  h/2, w/4, ...  the latent size after 1, 2, ... UNet down-samplings: ceil(h / 2^k) (a stride-2 conv
+                 with padding 1 rounds up), e.g. ControlNet residuals
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class TensorSpec:
     sample: str = "noise"  # how export makes a real-shaped input: noise | ids | timestep | image | time_ids
 
     def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
-        return tuple(d if isinstance(d, int) else int(sizes[d]) for d in self.dims)
+        return tuple(d if isinstance(d, int) else symbol_value(d, sizes) for d in self.dims)
 
     def dynamic_axes(self) -> dict[int, str]:
         return {i: d for i, d in enumerate(self.dims) if isinstance(d, str)}
@@ -83,6 +85,17 @@ class ComponentSpec:
         return {t.name: t.shape(sizes) for t in self.outputs}
 
 
+def symbol_value(symbol: str, sizes: Mapping[str, int]) -> int:
+    """A symbol's value: `sizes[symbol]`, or for "h/4" (a down-sampled latent side) ceil(h / 4)."""
+    base, _, divisor = symbol.partition("/")
+    return int(sizes[symbol]) if not divisor else -(-int(sizes[base]) // int(divisor))
+
+
+def downsampled(symbol: str, level: int) -> str | int:
+    """The symbol for `symbol` (h or w) after `level` stride-2 down-samplings."""
+    return symbol if level == 0 else f"{symbol}/{2 ** level}"
+
+
 def resolve_sizes(spec: ComponentSpec, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     """Symbol values implied by concrete input shapes."""
     sizes: dict[str, int] = {}
@@ -90,7 +103,7 @@ def resolve_sizes(spec: ComponentSpec, input_shapes: Mapping[str, tuple[int, ...
         if t.name not in input_shapes:
             continue
         for d, n in zip(t.dims, input_shapes[t.name]):
-            if isinstance(d, str):
+            if isinstance(d, str) and "/" not in d:
                 sizes[d] = int(n)
     if "h" in sizes:
         sizes.setdefault("H", sizes["h"] * VAE_FACTOR)

@@ -81,6 +81,19 @@ class _Clock:
             self.add("unet", sum(b.elapsed_time(e) for b, e in self.unet_events) / 1000)
 
 
+def _image_size(image, height: int | None, width: int | None, resize: bool) -> tuple[int, int]:
+    """(height, width) from an image when the call does not say: its size, a multiple of 8 (or floored to
+    one with resize), as diffusers' image processors choose it."""
+    from .images import _open, _target_size
+
+    pil = _open(image, "control_image")
+    if pil is not None:
+        return _target_size(pil.size, height, width, resize, "the control image")
+    if isinstance(image, torch.Tensor):
+        return _target_size((image.shape[-1], image.shape[-2]), height, width, resize, "the control image")
+    return height, width
+
+
 class _StampHook(StepHook):
     def __init__(self, clock: _Clock):
         self.clock = clock
@@ -181,6 +194,7 @@ class Pipeline:
 
         t0 = clock.now()
         latents, hooks = self._start(request, init_image, mask, sched, generator, in_channels)
+        hooks = [*self._controlnet(request, conditioning), *hooks]  # ControlNets see the latents before an inpainting UNet's extra channels
         clock.add("prepare", clock.now() - t0)
 
         hooks = list(hooks)
@@ -229,7 +243,8 @@ class Pipeline:
         """Validate `request` against this model (and the generator against the batch); every error names the fix."""
         request.check()
         mode = "txt2img" if request.image is None else ("inpaint" if request.mask_image is not None else "img2img")
-        unset = {k: v for k, v in self.family.defaults(mode).items() if getattr(request, k) is None}
+        controlled = bool(request.controlnets) or request.control_image is not None
+        unset = {k: v for k, v in self.family.defaults(mode, controlled).items() if getattr(request, k) is None}
         request = request.replace(**unset) if unset else request
         self.family.check_request(request, self.config)
         kmax = self.family.clip_skip_max(self.config)
@@ -296,10 +311,49 @@ class Pipeline:
                 init, height, width = load_image(request.image, height, width, request.resize)
                 if request.mask_image is not None:
                     mask = load_mask(request.mask_image, height, width, request.resize, init_size=(init.shape[3], init.shape[2]))
+        if (height is None or width is None) and request.control_image is not None:
+            height, width = _image_size(request.per_controlnet("control_image")[0] if request.controlnets else request.control_image,
+                                        height, width, request.resize)
         native = self.family.default_size(self.config)
         height = height if height is not None else native[0]
         width = width if width is not None else native[1]
         return init, mask, request.replace(height=height, width=width)
+
+    def _controlnet(self, r: Request, conditioning: dict[str, torch.Tensor]) -> list[StepHook]:
+        """The ControlNet hook for an export whose UNet takes residuals (it feeds zeros when none runs)."""
+        from .controlnet import RESIDUALS, ControlNetHook, Net, load_control_image
+
+        unet = self.model.specs["unet"]
+        exported = [n for n in self.family.controlnets(self.config) if f"controlnet_{n}" in self.backend.components()]
+        if not any(t.name.startswith(RESIDUALS) for t in unet.inputs):
+            if r.controlnets or r.control_image is not None:
+                raise SdtrtError(f"{self.model.root} has no ControlNet.",
+                                 "re-export the model with one: sdtrt.export.export_model(MODEL, DIR, controlnets=[(CONTROLNET_DIR, NAME)])",
+                                 cli_fix="re-export with sdtrt export MODEL --out DIR --controlnet CONTROLNET_DIR[:NAME]")
+            return []
+        names = r.controlnets
+        if not names and r.control_image is not None:
+            if len(exported) != 1:
+                raise InvalidRequest("controlnet", None, f"is needed: this export holds {', '.join(exported)}", exported[0])
+            names, r = exported, r.replace(controlnet=exported[0])
+        unknown = [n for n in names if n not in exported]
+        if unknown:
+            raise InvalidRequest("controlnet", unknown[0], f"is not in this export (it holds {', '.join(exported) or 'none'})",
+                                 exported[0] if exported else "canny")
+        nets = []
+        for name, image, scale, start, end in zip(names, r.per_controlnet("control_image"), r.per_controlnet("controlnet_conditioning_scale"),
+                                                 r.per_controlnet("control_guidance_start"), r.per_controlnet("control_guidance_end")):
+            x = load_control_image(image, r.height, r.width, r.resize).to(self.device)
+            x = x.repeat_interleave(r.batch if x.shape[0] == 1 else r.num_images_per_prompt, dim=0)
+            if r.cfg and not r.guess_mode:
+                x = torch.cat([x, x])
+            nets.append(Net(f"controlnet_{name}", x, float(scale), float(start), float(end)))
+        dtypes = {("unet", t.name): self.backend.input_dtype("unet", t.name) for t in unet.inputs}
+        for net in nets:
+            spec = self.model.specs[net.component]
+            dtypes.update({(net.component, t.name): self.backend.input_dtype(net.component, t.name) for t in spec.inputs})
+        added = [k for k in conditioning if k != "encoder_hidden_states"]
+        return [ControlNetHook(self._run, nets, unet, dtypes, added, r.cfg, r.guess_mode)]
 
     def _schedule(self, r: Request, from_image: bool) -> tuple[schedulers.Scheduler, torch.Tensor]:
         """A fresh scheduler and the timesteps this call runs (strength / denoising_start skip the start of

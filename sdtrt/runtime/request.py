@@ -76,6 +76,13 @@ class Request:
     denoising_start: float | None = None  # SDXL refiner hand-off: start this far into the schedule
     denoising_end: float | None = None  # SDXL base hand-off: stop this far into the schedule
     output_type: str = "pil"  # "pil" images, "tensor" [B,3,H,W] in [0,1], "latent" (for a refiner)
+    # ControlNet (diffusers' names; one value for all, or one per ControlNet, in order)
+    controlnet: str | Sequence[str] | None = None  # which exported ControlNets run (default: the only one, given a control image)
+    control_image: Any = None  # per ControlNet: path, PIL image or [3,H,W] / [1,3,H,W] tensor in [0,1]
+    controlnet_conditioning_scale: float | Sequence[float] | None = None  # default: the family's for the mode
+    control_guidance_start: float | Sequence[float] = 0.0  # fraction of the steps before a ControlNet starts
+    control_guidance_end: float | Sequence[float] = 1.0  # fraction of the steps after which it stops
+    guess_mode: bool = False  # ControlNet on the conditional half only, residuals ramped 0.1 -> 1 (diffusers)
 
     # --- views ---------------------------------------------------------------------------------
 
@@ -98,6 +105,19 @@ class Request:
     def negatives_2(self) -> list[str] | None:
         n = _texts(self.negative_prompt_2)
         return self.negatives if n is None else (list(n) * len(self.prompts) if len(n) == 1 else list(n))
+
+    @property
+    def controlnets(self) -> list[str]:
+        return list(_texts(self.controlnet) or ())
+
+    def per_controlnet(self, name: str) -> list:
+        """A ControlNet parameter as one value per requested ControlNet."""
+        value, n = getattr(self, name), len(self.controlnets)
+        if isinstance(value, (list, tuple)) and name != "control_image":
+            return list(value)
+        if name == "control_image" and isinstance(value, (list, tuple)):
+            return list(value)
+        return [value] * n
 
     @property
     def batch(self) -> int:
@@ -172,12 +192,40 @@ class Request:
                 _number(self, name, 0, 1, 0.8, low_open=True, high_open=True, note="a fraction of the schedule")
         if self.denoising_start is not None and self.denoising_end is not None and self.denoising_start >= self.denoising_end:
             raise InvalidRequest("denoising_start", self.denoising_start, f"is not below denoising_end={self.denoising_end}", 0.8)
+        self._check_controlnet()
         if not isinstance(self.scheduler_options, Mapping):
             raise InvalidRequest("scheduler_options", self.scheduler_options, "is not a mapping of config fields", {"timestep_spacing": "trailing"})
         for key, v in self.scheduler_options.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise InvalidRequest("scheduler_options", {key: v}, f"has a non-finite {key}", {key: 1.0})
         return self
+
+
+    def _check_controlnet(self) -> None:
+        nets = self.controlnets
+        if not all(isinstance(n, str) and n for n in nets):
+            raise InvalidRequest("controlnet", self.controlnet, "must be a ControlNet name or a list of names", "canny")
+        if nets and self.control_image is None:
+            raise InvalidRequest("control_image", None, f"is missing: {len(nets)} ControlNet(s) need a control image each", "edges.png")
+        if not nets and self.control_image is not None:
+            return  # the pipeline picks the export's only ControlNet (or says which to name)
+        for name in ("control_image", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and len(value) != len(nets):
+                raise InvalidRequest(name, f"<{len(value)} values>", f"has {len(value)} entries for {len(nets)} ControlNet(s)",
+                                     "[...]", "one per ControlNet, in the order of controlnet=, or a single value for all")
+        for name, low, high in (("controlnet_conditioning_scale", 0, None), ("control_guidance_start", 0, 1), ("control_guidance_end", 0, 1)):
+            value = getattr(self, name)
+            for v in (value if isinstance(value, (list, tuple)) else [value]):
+                if v is None and name == "controlnet_conditioning_scale":
+                    continue
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < low or (high is not None and v > high):
+                    raise InvalidRequest(name, v, f"is not a finite number in [{low}, {high if high is not None else 'inf'}]", 1.0 if high else 1.0)
+        for start, end in zip(self.per_controlnet("control_guidance_start"), self.per_controlnet("control_guidance_end")):
+            if start >= end:
+                raise InvalidRequest("control_guidance_start", start, f"is not below control_guidance_end={end}", 0.0)
+        if not isinstance(self.guess_mode, bool):
+            raise InvalidRequest("guess_mode", self.guess_mode, "is not True or False", True)
 
 
 def _is_int(v: Any) -> bool:

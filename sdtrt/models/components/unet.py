@@ -16,9 +16,11 @@ from torch import nn
 from ..spec import VAE_FACTOR, ComponentSpec, TensorSpec
 
 
-def spec(config: Mapping[str, Any], *, pooled_dim: int | None = None, time_ids: tuple[float, ...] = ()) -> ComponentSpec:
+def spec(config: Mapping[str, Any], *, pooled_dim: int | None = None, time_ids: tuple[float, ...] = (),
+         controlnet: bool = False) -> ComponentSpec:
     """`config` is unet/config.json; SDXL passes its pooled width and the sample time ids (whose
-    count, 6 or 5 with an aesthetic score, the UNet's added embedding fixes)."""
+    count, 6 or 5 with an aesthetic score, the UNet's added embedding fixes). With `controlnet`, the UNet
+    also takes one residual per skip connection and one for its mid block (zeros when no ControlNet runs)."""
     inputs = [
         TensorSpec("sample", ("B2", int(config.get("in_channels", 4)), "h", "w")),
         TensorSpec("timestep", (1,), "float32", sample="timestep"),
@@ -27,6 +29,10 @@ def spec(config: Mapping[str, Any], *, pooled_dim: int | None = None, time_ids: 
     added = pooled_dim is not None
     if added:
         inputs += [TensorSpec("text_embeds", ("B2", pooled_dim)), TensorSpec("time_ids", ("B2", len(time_ids)), sample="time_ids")]
+    if controlnet:
+        from .controlnet import residuals
+
+        inputs += list(residuals(config))
     out_channels = int(config.get("out_channels", 4))
     return ComponentSpec(
         "unet",
@@ -35,7 +41,7 @@ def spec(config: Mapping[str, Any], *, pooled_dim: int | None = None, time_ids: 
         description="denoising UNet, classifier-free guidance batched as [uncond; cond]" + (" (+ pooled text and time ids)" if added else ""),
         weights="unet",
         prefix="unet.",
-        load=lambda model_dir, allow_pickle: load(Path(model_dir), allow_pickle, added),
+        load=lambda model_dir, allow_pickle: load(Path(model_dir), allow_pickle, added, controlnet),
         trace_side=trace_side(config),
         sample_values={"time_ids": tuple(time_ids)} if added else {},
     )
@@ -51,18 +57,24 @@ def trace_side(config: Mapping[str, Any]) -> int:
 
 
 class UNet(nn.Module):
-    def __init__(self, unet: nn.Module, added: bool):
+    def __init__(self, unet: nn.Module, added: bool, controlnet: bool = False):
         super().__init__()
-        self.unet, self.added = unet, added
+        self.unet, self.added, self.controlnet = unet, added, controlnet
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) -> torch.Tensor:
-        extra = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}} if self.added else {}
+    def forward(self, sample, timestep, encoder_hidden_states, *rest) -> torch.Tensor:
+        extra = {}
+        if self.added:
+            text_embeds, time_ids, *rest = rest
+            extra["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
+        if self.controlnet:
+            *down, mid = rest
+            extra["down_block_additional_residuals"], extra["mid_block_additional_residual"] = tuple(down), mid
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **extra)[0]
 
 
-def load(model_dir: Path, allow_pickle: bool, added: bool) -> nn.Module:
+def load(model_dir: Path, allow_pickle: bool, added: bool, controlnet: bool = False) -> nn.Module:
     from ...errors import require
 
     diffusers = require("diffusers", "export", "sdtrt export")
     unet = diffusers.UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", use_safetensors=not allow_pickle).eval()
-    return UNet(unet, added)
+    return UNet(unet, added, controlnet)

@@ -48,17 +48,36 @@ class Family:
         raise NotImplementedError
 
     def weight_folders(self, config: Config) -> tuple[str, ...]:
-        """Subfolders whose weights sdtrt exports (and hashes)."""
-        return tuple(dict.fromkeys(spec.weights for spec in self.components(config).values()))
+        """Subfolders whose weights sdtrt exports (and hashes); ControlNets live in folders of their own."""
+        return tuple(dict.fromkeys(spec.weights for spec in self.own_components(config).values()))
 
     # --- both ---------------------------------------------------------------------------------
 
     def components(self, config: Config) -> dict[str, ComponentSpec]:
+        """Every network the export can hold: the family's own, then one per ControlNet exported with it
+        (`config["controlnets"]`: name -> {"source": folder, "config": its config.json}), in which case the
+        UNet spec takes their residuals."""
+        from ..components import controlnet
+
+        specs = self.own_components(config)
+        for name, net in (config.get("controlnets") or {}).items():
+            specs[f"controlnet_{name}"] = controlnet.spec(f"controlnet_{name}", net["source"], net["config"], config["unet"],
+                                                         **self.added_conditions(config))
+        return specs
+
+    def own_components(self, config: Config) -> dict[str, ComponentSpec]:
         raise NotImplementedError
 
+    def added_conditions(self, config: Config) -> dict[str, Any]:
+        """Extra UNet inputs beyond sample, timestep and text (SDXL: pooled text width and sample time ids)."""
+        return {}
+
+    def controlnets(self, config: Config) -> list[str]:
+        return list(config.get("controlnets") or {})
+
     def default_components(self, config: Config) -> tuple[str, ...]:
-        """What txt2img needs; add vae_encoder for img2img and inpainting."""
-        return (*self.present_text_encoders(config), "unet", "vae_decoder")
+        """What txt2img needs (and every ControlNet exported with it); add vae_encoder for img2img and inpainting."""
+        return (*self.present_text_encoders(config), "unet", "vae_decoder", *(f"controlnet_{n}" for n in self.controlnets(config)))
 
     def present_text_encoders(self, config: Config) -> tuple[str, ...]:
         return tuple(name for name in self.text_encoders if name in config)
@@ -101,8 +120,12 @@ class Family:
     DEFAULTS = {"txt2img": {"guidance_scale": 7.5}, "img2img": {"guidance_scale": 7.5, "strength": 0.8},
                 "inpaint": {"guidance_scale": 7.5, "strength": 1.0}}
 
-    def defaults(self, mode: str) -> dict[str, float]:
-        return self.DEFAULTS[mode]
+    # with a ControlNet, diffusers' ControlNet pipelines' defaults for the mode
+    CONTROLNET_DEFAULTS = {"txt2img": {"controlnet_conditioning_scale": 1.0}, "img2img": {"controlnet_conditioning_scale": 0.8},
+                           "inpaint": {"controlnet_conditioning_scale": 0.5}}
+
+    def defaults(self, mode: str, controlnet: bool = False) -> dict[str, float]:
+        return {**self.DEFAULTS[mode], **(self.CONTROLNET_DEFAULTS[mode] if controlnet else {})}
 
     def clip_skip_max(self, config: Config) -> int:
         specs = self.components(config)

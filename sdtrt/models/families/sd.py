@@ -37,10 +37,10 @@ class StableDiffusion(Family):
                              f"sdtrt's {self.title} family needs CLIP.", "export a model with a CLIP text encoder")
         return {"unet": unet_cfg, "vae": read_json(folder / "vae" / "config.json"), "text_encoder": text}
 
-    def components(self, config: Config) -> dict[str, ComponentSpec]:
+    def own_components(self, config: Config) -> dict[str, ComponentSpec]:
         return {
             "text_encoder": clip_text.spec("text_encoder", config["text_encoder"]),
-            "unet": unet.spec(config["unet"]),
+            "unet": unet.spec(config["unet"], controlnet=bool(config.get("controlnets"))),
             "vae_decoder": vae.decoder_spec(config["vae"]),
             "vae_encoder": vae.encoder_spec(config["vae"]),
         }

@@ -32,6 +32,9 @@ class StableDiffusionXL(Family):
     text_encoders = ("text_encoder", "text_encoder_2")
     DEFAULTS = {"txt2img": {"guidance_scale": 5.0}, "img2img": {"guidance_scale": 5.0, "strength": 0.3},
                 "inpaint": {"guidance_scale": 7.5, "strength": 0.9999}}
+    CONTROLNET_DEFAULTS = {"txt2img": {"controlnet_conditioning_scale": 1.0},
+                           "img2img": {"controlnet_conditioning_scale": 0.8, "strength": 0.8},
+                           "inpaint": {"controlnet_conditioning_scale": 1.0, "guidance_scale": 5.0}}
 
     def read_config(self, folder: Path, index: Mapping[str, Any]) -> dict[str, Any]:
         config: dict[str, Any] = {"unet": read_json(folder / "unet" / "config.json"), "vae": read_json(folder / "vae" / "config.json")}
@@ -62,11 +65,14 @@ class StableDiffusionXL(Family):
         u = config["unet"]
         return (int(u["projection_class_embeddings_input_dim"]) - self.pooled_dim(config)) // int(u["addition_time_embed_dim"])
 
-    def components(self, config: Config) -> dict[str, ComponentSpec]:
+    def added_conditions(self, config: Config) -> dict[str, Any]:
         h, w = self.default_size(config)
         sample_ids = (h, w, 0, 0, 6.0) if self.time_id_count(config) == 5 else (h, w, 0, 0, h, w)
+        return {"pooled_dim": self.pooled_dim(config), "time_ids": sample_ids}
+
+    def own_components(self, config: Config) -> dict[str, ComponentSpec]:
         specs = {e: clip_text.spec(e, config[e], penultimate=True, pooled=e == "text_encoder_2") for e in self.present_text_encoders(config)}
-        specs["unet"] = unet.spec(config["unet"], pooled_dim=self.pooled_dim(config), time_ids=sample_ids)
+        specs["unet"] = unet.spec(config["unet"], controlnet=bool(config.get("controlnets")), **self.added_conditions(config))
         specs["vae_decoder"] = vae.decoder_spec(config["vae"])
         specs["vae_encoder"] = vae.encoder_spec(config["vae"])
         return specs

@@ -30,7 +30,9 @@ def check_profile(spec: ComponentSpec, profile: Mapping[str, Any], shapes: Mappi
         for axis, (value, lo, hi) in enumerate(zip(shapes[t.name], lo_shape, hi_shape)):
             if lo <= value <= hi:
                 continue
-            what, flag, scale = _USER_TERMS.get(t.dims[axis], (f"dimension {axis}", "the build flags", 1))
+            symbol, _, divisor = str(t.dims[axis]).partition("/")
+            what, flag, scale = _USER_TERMS.get(symbol, (f"dimension {axis}", "the build flags", 1))
+            scale *= int(divisor or 1)
             unit = " px" if flag in ("--height", "--width") else ""
             have = f"{lo * scale}-{hi * scale}{unit}"
             example = f"{flag} {-(-value // 77)}" if flag == "--max-prompt-chunks" else f"{flag} MIN:OPT:MAX"
