@@ -1,9 +1,15 @@
-"""`sdtrt bench`: eager diffusers vs Optimum's ONNX Runtime pipeline vs sdtrt, side by side, in one process."""
+"""`sdtrt bench`: eager diffusers vs Optimum's ONNX Runtime pipeline vs sdtrt, side by side, in one process.
+
+Any text-to-image family sdtrt exports (SD 1.x/2.x, SDXL): each system runs the family's pipeline.
+Systems are loaded together and measured interleaved (the default: machine noise hits all alike),
+or, for models that do not fit several times in memory, one at a time (load, warm up, measure, unload).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -11,13 +17,14 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .harness import (check_output_path, image_check, load_results, measure, parse_percent, regressions, results_document,
-                      write_chart, write_json)
-from .systems import DiffusersSystem, OptimumSystem, Request, SdtrtSystem, System
+from .harness import (add_speedups, check_output_path, image_check, load_results, measure, parse_percent, regressions,
+                      results_document, write_chart, write_json)
+from .systems import DiffusersSystem, OptimumSystem, Request, SdtrtSystem, System, text_to_image_class, unload
 
 ALL_SYSTEMS = ("diffusers", "diffusers-compile", "optimum", "sdtrt")
+MODES = ("auto", "interleaved", "one-at-a-time")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,10 +40,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default="euler", help="sampler, any name sdtrt accepts")
     p.add_argument("--seed", type=int, default=0, help="seed (the same for every system)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per system before measuring")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (A B C A B C ...)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds: interleaved (A B C A B C ...), or one system's after another with --mode one-at-a-time")
     p.add_argument("--systems", default="diffusers,optimum,sdtrt", help=f"comma-separated subset of {', '.join(ALL_SYSTEMS)}")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads for Optimum and sdtrt (0: all cores)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    p.add_argument("--mode", choices=MODES, default="auto",
+                   help="interleaved: load every system, then measure them in turn (A B C A B C ...), so machine noise hits "
+                        "all alike. one-at-a-time: load, warm up, measure and unload each system before the next (peak RSS "
+                        "is then per system alone); this loses the interleaving, so timings are more exposed to machine noise: "
+                        "it exists for models that do not fit in memory several times over (full-size SDXL: ~13.5 GB fp32 per "
+                        "system). auto (default): interleaved, unless the weights times the number of systems exceed the "
+                        "available memory (GPU memory too on CUDA); the choice and its reason are logged and written to the JSON")
     p.add_argument("--work-dir", type=Path, help="where models, ONNX and engines are cached (default: $SDTRT_CACHE/bench)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench.json"), help="results JSON")
     p.add_argument("--plot", type=Path, help="per-stage bar chart PNG (default: next to --out)")
@@ -68,6 +82,8 @@ class Model:
     path: Path
     name: str  # for people: the folder name or preset
     sha256: str  # sdtrt.export.source.weights_sha256 of its weight files
+    family: Any  # sdtrt.models.families.Family: which pipeline each system runs
+    weight_bytes: int  # the exported networks' weight files on disk: the memory estimate per system
 
     def cache(self, work: Path) -> Path:
         return work / self.sha256[:16]
@@ -86,13 +102,15 @@ def check_args(a: argparse.Namespace) -> Checked:
         raise SdtrtError("no model to benchmark.", "pass a diffusers folder or --preset sd15 (or tiny)")
     if a.preset:
         try:
-            _presets().get_preset(a.preset)
+            pipeline_class = _presets().get_preset(a.preset).pipeline_class
         except SdtrtError as e:
             raise SdtrtError(e.problem, f"pass --preset with {(e.fix or '').removeprefix('choose ')}") from None
+        _check_text_to_image(pipeline_class, f"--preset {a.preset}")
     else:
         from sdtrt.export.source import inspect_source
 
-        inspect_source(a.model_dir)  # a diffusers folder sdtrt can export (reads configs only)
+        src = inspect_source(a.model_dir)  # a diffusers folder sdtrt can export (reads configs only)
+        _check_text_to_image(src.pipeline_class, str(a.model_dir))
     wanted = [s.strip() for s in a.systems.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(ALL_SYSTEMS))
     if unknown:
@@ -139,6 +157,19 @@ def check_args(a: argparse.Namespace) -> Checked:
     return Checked(wanted, prompts, max_reg, baseline, plot)
 
 
+def _check_text_to_image(pipeline_class: str, what: str) -> None:
+    """The bench times text-to-image: an inpainting folder (9-channel UNet) or an SDXL refiner (aesthetic-score
+    time ids, no first text encoder) cannot run through its family's text-to-image pipeline."""
+    from sdtrt.errors import SdtrtError
+    from sdtrt.models import families
+
+    family = next((f for f in families.FAMILIES.values() if pipeline_class in f.pipeline_classes), None)
+    if family is not None and pipeline_class != text_to_image_class(family):
+        txt2img = [n for n, p in _presets().PRESETS.items() if p.pipeline_class == text_to_image_class(family)]
+        raise SdtrtError(f"{what} is a {pipeline_class} model; sdtrt bench times text-to-image ({text_to_image_class(family)}).",
+                         f"pass a text-to-image model folder or --preset {' / '.join(txt2img)}")
+
+
 def _presets():
     from sdtrt.models import presets
 
@@ -165,8 +196,9 @@ def _model(a: argparse.Namespace, work: Path, log) -> Model:
     src = inspect_source(path)
     t = time.perf_counter()
     sha = weights_sha256(src.weight_files, path)
-    log(f"{name}: weights sha256 {sha[:16]} ({time.perf_counter() - t:.1f} s to hash); cached work in {work / sha[:16]}")
-    return Model(path, name, sha)
+    log(f"{name} ({src.family.describe(src.config)}): weights sha256 {sha[:16]} ({time.perf_counter() - t:.1f} s to hash); "
+        f"cached work in {work / sha[:16]}")
+    return Model(path, name, sha, src.family, sum(f.stat().st_size for f in src.weight_files))
 
 
 def _reusable(target: Path, model: Model) -> tuple[Any, str | None]:
@@ -215,47 +247,114 @@ def _version(*dists: str) -> str:
     return "unknown"
 
 
-def build_systems(a: argparse.Namespace, checked: Checked, model: Model, work: Path, device, log) -> tuple[list[System], dict[str, Any]]:
-    import psutil
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """A system ready to load: whatever it needs on disk (exports, engines) is made and cached."""
 
-    proc = psutil.Process()
-    systems: list[System] = []
-    load: dict[str, Any] = {}
+    name: str
+    load: Callable[[], System]
 
-    def add(make) -> None:
-        before, t = proc.memory_info().rss, time.perf_counter()
-        made = make()
-        for s in made if isinstance(made, list) else [made]:
-            systems.append(s)
-            load[s.name] = {"load_seconds": round(time.perf_counter() - t, 2), "rss_load_delta_mb": round((proc.memory_info().rss - before) / 2**20, 1)}
 
+def plan_systems(a: argparse.Namespace, checked: Checked, model: Model, work: Path, device, log) -> list[Planned]:
+    """Make every export and engine the chosen systems need (before any is loaded: neither their time nor
+    their memory belongs to a system's load), and say how to load each."""
+    planned: list[Planned] = []
     for system in checked.systems:
         if system == "diffusers":
-            add(lambda: DiffusersSystem(model.path, device))
+            planned.append(Planned("diffusers", functools.partial(DiffusersSystem, model.path, device, model.family)))
         elif system == "diffusers-compile":
-            add(lambda: DiffusersSystem(model.path, device, compile_unet=True))
+            planned.append(Planned("diffusers+compile", functools.partial(DiffusersSystem, model.path, device, model.family, compile_unet=True)))
         elif system == "optimum":
-            if importlib.util.find_spec("optimum") is None:
+            if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.onnxruntime") is None:
                 log("optimum-onnx is not installed: skipping it (pip install 'sdtrt[bench]')")
                 continue
+            if OptimumSystem.pipeline_class(model.family) is None:
+                log(f"Optimum {_version('optimum-onnx', 'optimum')} has no ORT{text_to_image_class(model.family)}: skipping it")
+                continue
             cache = model.cache(work) / f"optimum-onnx-{_version('optimum-onnx', 'optimum')}"
-            add(lambda: OptimumSystem(model.path, device, cache, model.sha256, a.threads, log=log))
+            OptimumSystem.export(model.path, cache, model.sha256, model.family, log=log)
+            planned.append(Planned("optimum-ort", functools.partial(OptimumSystem, cache, device, model.family, a.threads)))
         elif system == "sdtrt":
             onnx32 = _sdtrt_onnx(model, work, a, "fp32", log)
             if device.type == "cpu":
-                add(lambda: SdtrtSystem(onnx32, "onnxruntime", device, threads=a.threads))
+                planned.append(Planned("sdtrt-onnxruntime", functools.partial(SdtrtSystem, onnx32, "onnxruntime", device, threads=a.threads)))
             else:
                 import onnxruntime
 
                 if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-                    add(lambda: SdtrtSystem(_sdtrt_onnx(model, work, a, "fp16", log), "onnxruntime", device,
-                                            name="sdtrt-onnxruntime-cuda", device=device))
+                    onnx16 = _sdtrt_onnx(model, work, a, "fp16", log)
+                    planned.append(Planned("sdtrt-onnxruntime-cuda", functools.partial(
+                        SdtrtSystem, onnx16, "onnxruntime", device, name="sdtrt-onnxruntime-cuda", device=device)))
                 else:
                     log("onnxruntime has no CUDA provider here: skipping sdtrt on ONNX Runtime CUDA (pip install 'sdtrt[onnxruntime-gpu]')")
                 engines = _engines(model, work, a, log)
                 if engines is not None:
-                    add(lambda: SdtrtSystem(engines, "tensorrt", device, device=device))
-    return systems, load
+                    planned.append(Planned("sdtrt-tensorrt", functools.partial(SdtrtSystem, engines, "tensorrt", device, device=device)))
+    return planned
+
+
+def load_system(planned: Planned, log) -> tuple[System, dict[str, Any]]:
+    """Load one system, with its load time and how much the process grew."""
+    import psutil
+
+    proc = psutil.Process()
+    before, t = proc.memory_info().rss, time.perf_counter()
+    system = planned.load()
+    seconds = time.perf_counter() - t
+    log(f"loaded {system.name} in {seconds:.1f} s")
+    return system, {"load_seconds": round(seconds, 2), "rss_load_delta_mb": round((proc.memory_info().rss - before) / 2**20, 1)}
+
+
+def available_memory(device) -> tuple[int, str]:
+    """(bytes free, which memory) where the systems will live; on CUDA the scarcer of RAM and GPU memory
+    (pipelines load on the CPU before they move, and Optimum keeps its ONNX on the host too)."""
+    import psutil
+
+    found = [(psutil.virtual_memory().available, "memory")]
+    if device.type == "cuda":
+        import torch
+
+        found.append((torch.cuda.mem_get_info(device)[0], "GPU memory"))
+    return min(found)
+
+
+def choose_mode(requested: str, per_system: int, systems: int, available: int, where: str = "memory") -> tuple[str, str]:
+    """(mode, why). auto is interleaved unless every system's copy of the weights would not fit at once.
+    The estimate is the weight files' size per system (fp32 files, fp32 on the CPU; activations come on top)."""
+    if requested != "auto":
+        return requested, f"--mode {requested}"
+    need = per_system * systems
+    figures = f"{systems} system{'s' if systems != 1 else ''} x {per_system / 2**30:.1f} GiB of weights = {need / 2**30:.1f} GiB, {where} available {available / 2**30:.1f} GiB"
+    if need > available:
+        return "one-at-a-time", f"auto: the systems do not fit in memory together ({figures})"
+    return "interleaved", f"auto: the systems fit in memory together ({figures})"
+
+
+def measure_systems(planned: list[Planned], mode: str, request: Request, a: argparse.Namespace, log) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(measurements, load figures) for every planned system, loaded together or one at a time."""
+    import psutil
+
+    load: dict[str, Any] = {}
+    if mode == "interleaved":
+        systems = []
+        for p in planned:
+            system, info = load_system(p, log)
+            load[system.name] = info
+            systems.append(system)
+        return measure(systems, request, a.warmup, a.repeats, overhead=not a.no_overhead, log=log), load
+    measured: dict[str, Any] = {"systems": {}, "images": {}}
+    for p in planned:
+        system, info = load_system(p, log)
+        try:
+            part = measure([system], request, a.warmup, a.repeats, overhead=not a.no_overhead, log=log)
+        finally:
+            unload(system)
+        rss = psutil.Process().memory_info().rss / 2**20
+        load[system.name] = {**info, "rss_after_unload_mb": round(rss, 1)}
+        log(f"unloaded {system.name}: RSS {rss:.0f} MB")
+        measured["systems"].update(part["systems"])
+        measured["images"].update(part["images"])
+    return measured, load
 
 
 def _engines(model: Model, work: Path, a: argparse.Namespace, log) -> Path | None:
@@ -290,14 +389,25 @@ def run(a: argparse.Namespace, log=print) -> int:
     work = _work_dir(a)
     model = _model(a, work, log)
     prompts = checked.prompts
-    request = Request(prompts, [a.negative_prompt] * len(prompts), a.steps, a.guidance_scale, a.height, a.width, a.scheduler, a.seed)
-    systems, load = build_systems(a, checked, model, work, device, log)
-    measured = measure(systems, request, a.warmup, a.repeats, overhead=not a.no_overhead, log=log)
+    # one sdtrt.Request for every system; the guidance scale is always explicit (the families' defaults differ:
+    # SD 7.5, SDXL 5.0), and the scheduler is the same class for all (sdtrt names map to diffusers classes)
+    request = Request(prompts, [a.negative_prompt] * len(prompts), steps=a.steps, guidance_scale=a.guidance_scale,
+                      height=a.height, width=a.width, scheduler=a.scheduler, seed=a.seed).check()
+    planned = plan_systems(a, checked, model, work, device, log)
+    available, where = available_memory(device)
+    mode, why = choose_mode(a.mode, model.weight_bytes, len(planned), available, where)
+    log(f"mode {mode}: {why}")
+    if mode == "one-at-a-time" and model.weight_bytes > available:
+        log(f"warning: even one system's weights ({model.weight_bytes / 2**30:.1f} GiB) exceed the {where} available "
+            f"({available / 2**30:.1f} GiB); expect swapping or an out-of-memory kill")
+    measured, load = measure_systems(planned, mode, request, a, log)
+    add_speedups(measured)
     report = image_check(measured["images"], a.min_psnr)
-    config = {**{k: v for k, v in vars(request).items() if k not in ("prompts", "negative_prompts")}, "prompts": prompts,
-              "negative_prompt": a.negative_prompt, "batch": a.batch, "warmup": a.warmup, "repeats": a.repeats,
-              "threads": a.threads, "device": str(device), "model_dir": str(model.path), "model_name": model.name,
-              "weights_sha256": model.sha256, "systems": [s.name for s in systems]}
+    config = {"steps": a.steps, "guidance_scale": a.guidance_scale, "height": a.height, "width": a.width, "scheduler": a.scheduler,
+              "seed": a.seed, "prompts": prompts, "negative_prompt": a.negative_prompt, "batch": a.batch, "warmup": a.warmup,
+              "repeats": a.repeats, "threads": a.threads, "device": str(device), "mode": mode, "mode_reason": why,
+              "model_dir": str(model.path), "model_name": model.name, "family": model.family.name,
+              "weights_sha256": model.sha256, "weights_mb": round(model.weight_bytes / 2**20, 1), "systems": list(measured["systems"])}
     doc = results_document(measured, config, report, load)
     write_json(doc, a.out)
     log(f"wrote {a.out}")
@@ -308,6 +418,10 @@ def run(a: argparse.Namespace, log=print) -> int:
         log("IMAGES DIFFER: " + "; ".join(report["failures"]))
         status = 3
     if checked.baseline is not None:
+        earlier = checked.baseline.get("config")
+        before = earlier.get("mode", "interleaved") if isinstance(earlier, dict) else "interleaved"  # results older than --mode were interleaved
+        if before != mode:
+            log(f"note: {a.compare} was measured {before}, this run {mode}: timings may differ by mode alone")
         found = regressions(doc, checked.baseline, checked.max_regression)
         if found:
             log("REGRESSION: " + "; ".join(found))

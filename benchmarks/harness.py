@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -102,12 +103,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def image_check(images: dict[str, np.ndarray], min_psnr: float, reference: str = REFERENCE) -> dict[str, Any]:
-    """Every system's first image against the reference's: speed must not come from a different picture."""
+    """Every system's first image against the reference's: speed must not come from a different picture.
+    Each image's sha256 (of its uint8 pixels) lets two runs, or two modes, be compared exactly."""
     ref = images[reference]
     scores = {name: psnr(img, ref) for name, img in images.items() if name != reference}
     failures = [f"{name}: {score:.1f} dB < {min_psnr} dB" for name, score in scores.items() if score < min_psnr]
     return {"reference": reference, "min_psnr_db": min_psnr, "psnr_db": {k: (None if v == float("inf") else round(v, 2)) for k, v in scores.items()},
-            "ok": not failures, "failures": failures}
+            "ok": not failures, "failures": failures,
+            "image_sha256": {name: hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest() for name, img in images.items()}}
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -115,7 +118,8 @@ def stats(values: list[float]) -> dict[str, float]:
 
 
 def measure(systems: list[System], request: Request, warmup: int, repeats: int, overhead: bool, log=print) -> dict[str, Any]:
-    """Warm up each system, then run them interleaved (A B C A B C ...) `repeats` times."""
+    """Warm up each system, then run them interleaved (A B C A B C ...) `repeats` times. One-at-a-time
+    mode calls this once per system, with that system alone."""
     sampler = RssSampler()
     results: dict[str, dict[str, Any]] = {s.name: {"samples": []} for s in systems}
     images: dict[str, np.ndarray] = {}
@@ -147,13 +151,18 @@ def measure(systems: list[System], request: Request, warmup: int, repeats: int, 
         sampler.close()
     for name, entry in results.items():
         entry["summary"] = {k: stats([row[k] for row in entry["samples"]]) for k in STAGES}
+    return {"systems": results, "images": images}
+
+
+def add_speedups(measured: dict[str, Any]) -> dict[str, Any]:
+    """Each system's speed-up over eager diffusers per stage (> 1 means faster), once all are measured."""
+    results = measured["systems"]
     if REFERENCE in results:
         ref = results[REFERENCE]["summary"]
         for entry in results.values():
-            # speed-up over eager diffusers: > 1 means faster
             entry["speedup_vs_diffusers"] = {k: round(ref[k]["median"] / entry["summary"][k]["median"], 3)
                                              for k in STAGES if entry["summary"][k]["median"] > 0}
-    return {"systems": results, "images": images}
+    return measured
 
 
 def _gpu_reset(system: System) -> bool:

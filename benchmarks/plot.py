@@ -26,7 +26,8 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("seconds (median, min-max)")
     machine = doc["machine"]
     fig.suptitle(f"{doc['config'].get('model_name', '')} {doc['config']['height']}x{doc['config']['width']}, "
-                 f"{doc['config']['steps']} steps, batch {doc['config']['batch']} - {machine.get('gpu', machine['cpu'])}")
+                 f"{doc['config']['steps']} steps, batch {doc['config']['batch']} - {machine.get('gpu', machine['cpu'])}"
+                 + (" (one system at a time)" if doc["config"].get("mode") == "one-at-a-time" else ""))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

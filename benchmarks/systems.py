@@ -1,14 +1,22 @@
 """The systems a benchmark compares. Each loads once, then runs the same request, reporting
-per-stage seconds (text encoder, UNet per call, VAE decode), end-to-end seconds and the image.
+per-stage seconds (text encoder(s), UNet per call, VAE decode), end-to-end seconds and the image.
+
+Every system runs the model's family through its own text-to-image pipeline: diffusers'
+`family.pipeline_classes[0]` (StableDiffusionPipeline, StableDiffusionXLPipeline), Optimum's ORT
+counterpart of that class, and `sdtrt.Pipeline` (which reads the family from the export). The request
+is one `sdtrt.Request`; `diffusers_arguments` is the one place its fields become diffusers' keywords.
 
 Stage times for diffusers and Optimum come from wrapping their components' forward methods with
-timers (synchronizing CUDA first on a GPU), so every system is timed at the same boundaries.
+timers (synchronizing CUDA first on a GPU), so every system is timed at the same boundaries. A
+family with two text encoders (SDXL) reports their sum as the text-encoder stage, as sdtrt does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
+import inspect
 import json
 import time
 from pathlib import Path
@@ -17,17 +25,26 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from sdtrt.runtime.request import Request  # the request type every front end shares: one for all systems
 
-@dataclasses.dataclass
-class Request:
-    prompts: list[str]
-    negative_prompts: list[str]
-    steps: int
-    guidance_scale: float
-    height: int
-    width: int
-    scheduler: str
-    seed: int
+
+def text_to_image_class(family) -> str:
+    """diffusers' text-to-image pipeline class for an sdtrt family: the first one it lists."""
+    return family.pipeline_classes[0]
+
+
+def diffusers_arguments(r: Request) -> dict[str, Any]:
+    """`r` in diffusers' keywords (generator aside): the fields the benchmark sets, plus any SDXL
+    fields given. Defaults left as None stay out, so each pipeline applies its own."""
+    args: dict[str, Any] = {"prompt": r.prompts, "negative_prompt": r.negatives, "num_inference_steps": r.steps,
+                            "guidance_scale": r.guidance_scale, "height": r.height, "width": r.width,
+                            "num_images_per_prompt": r.num_images_per_prompt}
+    if r.guidance_rescale:
+        args["guidance_rescale"] = r.guidance_rescale
+    for name in ("prompt_2", "negative_prompt_2", "clip_skip"):
+        if getattr(r, name) is not None:
+            args[name] = getattr(r, name)
+    return {k: v for k, v in args.items() if v is not None}
 
 
 @dataclasses.dataclass
@@ -85,6 +102,7 @@ def _median_interval(stamps: list[float]) -> float:
 class System:
     name: str
     device: torch.device
+    pipe: Any
 
     def run(self, r: Request) -> Sample:
         raise NotImplementedError
@@ -93,32 +111,64 @@ class System:
         """Seconds per denoising step spent outside the UNet itself (UNet replaced by a no-op)."""
         return None
 
+    def close(self) -> None:
+        """Let go of the model, so that its memory can be freed (see `unload`)."""
+        self.pipe = None
+
+
+def unload(system: System) -> None:
+    """Free a system's memory before the next one loads: drop the pipeline, collect the cycles the
+    stage timers make (a component's forward wraps the component itself), hand freed heap back to
+    the OS (glibc keeps it otherwise, and RSS would not show the next system alone) and CUDA's cache."""
+    system.close()
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: freed memory is returned as that allocator sees fit
+    if system.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _present(pipe, names: tuple[str, ...]) -> list[Any]:
+    return [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None]
+
+
+def _no_watermark(cls) -> dict[str, Any]:
+    """SDXL pipelines add an invisible watermark when the package for it is installed; sdtrt does not,
+    and the same-image check compares what the models made, so it is off for every system."""
+    return {"add_watermarker": False} if "add_watermarker" in inspect.signature(cls.__init__).parameters else {}
+
 
 class _DiffusersPipelineSystem(System):
     """Eager diffusers and Optimum both run diffusers' pipeline code over their own components:
     scheduler swap, call, stage timers and the no-op-engine overhead run are shared here."""
 
-    pipe: Any
     timers: _Timers
 
-    def _instrument(self, text_encoder, unet, vae_decode_owner, vae_decode_attr: str) -> None:
+    def _instrument(self, text_encoders: list[Any], unet, vae_decode_owner, vae_decode_attr: str) -> None:
         self.timers = _Timers(_sync_for(self.device))
-        text_encoder.forward = self.timers.wrap("text_encoder", text_encoder.forward)
+        for encoder in text_encoders:  # one stage: with two encoders (SDXL) their times add up
+            encoder.forward = self.timers.wrap("text_encoder", encoder.forward)
         unet.forward = self.timers.wrap("unet", unet.forward)
         setattr(vae_decode_owner, vae_decode_attr, self.timers.wrap("vae_decoder", getattr(vae_decode_owner, vae_decode_attr)))
-        self._scheduler_config = dict(self.pipe.scheduler.config)
+        self._scheduler_class, self._scheduler_config = type(self.pipe.scheduler), dict(self.pipe.scheduler.config)
 
     def _call(self, r: Request, **extra):
         import diffusers
 
         from sdtrt.runtime import schedulers as S
 
-        cls = getattr(diffusers, S.diffusers_class_name(r.scheduler))
-        self.pipe.scheduler = cls.from_config(self._scheduler_config, **S.implied_overrides(r.scheduler))
+        if r.scheduler is None:  # the model's own, as sdtrt does
+            self.pipe.scheduler = self._scheduler_class.from_config(self._scheduler_config)
+        else:
+            cls = getattr(diffusers, S.diffusers_class_name(r.scheduler))
+            self.pipe.scheduler = cls.from_config(self._scheduler_config, **S.implied_overrides(r.scheduler))
         gen = torch.Generator("cpu").manual_seed(r.seed)
         with torch.inference_mode():
-            return self.pipe(r.prompts, negative_prompt=r.negative_prompts, num_inference_steps=r.steps, guidance_scale=r.guidance_scale,
-                             height=r.height, width=r.width, generator=gen, **extra)
+            return self.pipe(**diffusers_arguments(r), generator=gen, **extra)
 
     def run(self, r: Request) -> Sample:
         self.timers.reset()
@@ -143,27 +193,34 @@ class _DiffusersPipelineSystem(System):
             return kwargs
 
         with self._noop_engine():
-            self._call(dataclasses.replace(r, steps=max(r.steps, OVERHEAD_STEPS)), callback_on_step_end=on_step_end)
+            self._call(r.replace(steps=max(r.steps, OVERHEAD_STEPS)), callback_on_step_end=on_step_end)
         return _median_interval(stamps)
 
 
 class DiffusersSystem(_DiffusersPipelineSystem):
-    """Eager diffusers: fp32 on CPU; fp16 with SDPA on CUDA (optionally torch.compile'd UNet)."""
+    """Eager diffusers, the family's text-to-image pipeline: fp32 on CPU; fp16 with SDPA on CUDA
+    (optionally torch.compile'd UNet)."""
 
-    def __init__(self, model_dir: Path, device: torch.device, compile_unet: bool = False):
-        from diffusers import StableDiffusionPipeline
+    def __init__(self, model_dir: Path, device: torch.device, family, compile_unet: bool = False):
+        import diffusers
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.name = "diffusers" + ("+compile" if compile_unet else "")
         self.device = device
-        self.pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype).to(device)
+        cls = getattr(diffusers, text_to_image_class(family))
+        self.pipe = cls.from_pretrained(model_dir, torch_dtype=dtype, **_no_watermark(cls)).to(device)
         self.pipe.unet.set_attn_processor(AttnProcessor2_0())  # SDPA
         self.pipe.set_progress_bar_config(disable=True)
         if compile_unet:
             self.pipe.unet = torch.compile(self.pipe.unet)
         p = self.pipe
-        self._instrument(p.text_encoder, p.unet, p.vae, "decode")
+        self._instrument(_present(p, family.text_encoders), p.unet, p.vae, "decode")
+
+    def close(self) -> None:
+        super().close()
+        if self.name.endswith("+compile"):
+            torch._dynamo.reset()  # compiled graphs hold on to the UNet's weights
 
     @contextlib.contextmanager
     def _noop_engine(self):
@@ -183,30 +240,46 @@ class DiffusersSystem(_DiffusersPipelineSystem):
 
 
 class OptimumSystem(_DiffusersPipelineSystem):
-    """Optimum's ONNX Runtime Stable Diffusion pipeline, exporting its own ONNX from the same folder."""
+    """Optimum's ONNX Runtime pipeline for the family (ORTStableDiffusionPipeline, ORTStableDiffusionXLPipeline),
+    over its own ONNX export of the same folder (`export`, cached by the weights' hash)."""
 
     SOURCE = "sdtrt-bench-source.json"  # written into the export: the weights it came from
 
-    def __init__(self, model_dir: Path, device: torch.device, cache: Path, weights_sha256: str, threads: int = 0, log=print):
+    def __init__(self, cache: Path, device: torch.device, family, threads: int = 0):
         import onnxruntime as ort
-        from optimum.onnxruntime import ORTStableDiffusionPipeline
 
         self.name = "optimum-ort"
         self.device = device
+        cls = self.pipeline_class(family)
         provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        if self.exported_from(cache) != weights_sha256:
+        self.pipe = cls.from_pretrained(str(cache), provider=provider, session_options=options, **_no_watermark(cls))
+        self.pipe.set_progress_bar_config(disable=True)
+        p = self.pipe
+        # Optimum names its sessions as diffusers names the modules (text_encoder, text_encoder_2, unet);
+        # the VAE is split, and the pipeline's vae.decode calls vae_decoder
+        self._instrument(_present(p, family.text_encoders), p.unet, p.vae_decoder, "forward")
+
+    @staticmethod
+    def pipeline_class(family):
+        """Optimum's counterpart of the family's diffusers pipeline, or None where it has none."""
+        import optimum.onnxruntime
+
+        return getattr(optimum.onnxruntime, "ORT" + text_to_image_class(family), None)
+
+    @classmethod
+    def export(cls, model_dir: Path, cache: Path, weights_sha256: str, family, log=print) -> Path:
+        """Optimum's own ONNX export of `model_dir` into `cache`, made once per weights (all or nothing)."""
+        if cls.exported_from(cache) != weights_sha256:
             from sdtrt.files import atomic_dir
 
             log(f"exporting with Optimum to {cache} (once)")
             with atomic_dir(cache, force=True) as tmp:  # all or nothing: a killed export is never reused
-                ORTStableDiffusionPipeline.from_pretrained(str(model_dir), export=True).save_pretrained(str(tmp))
-                (tmp / self.SOURCE).write_text(json.dumps({"path": str(Path(model_dir).absolute()), "sha256": weights_sha256}) + "\n")
-        self.pipe = ORTStableDiffusionPipeline.from_pretrained(str(cache), provider=provider, session_options=options)
-        self.pipe.set_progress_bar_config(disable=True)
-        p = self.pipe
-        self._instrument(p.text_encoder, p.unet, p.vae_decoder, "forward")
+                cls.pipeline_class(family).from_pretrained(str(model_dir), export=True).save_pretrained(str(tmp))
+                gc.collect()  # the exporter's torch copy of the model
+                (tmp / cls.SOURCE).write_text(json.dumps({"path": str(Path(model_dir).absolute()), "sha256": weights_sha256}) + "\n")
+        return cache
 
     @classmethod
     def exported_from(cls, cache: Path) -> str | None:
@@ -235,7 +308,8 @@ class OptimumSystem(_DiffusersPipelineSystem):
 
 
 class SdtrtSystem(System):
-    """sdtrt's runtime on one backend (ONNX Runtime on an ONNX dir, TensorRT on an engine dir)."""
+    """sdtrt's runtime on one backend (ONNX Runtime on an ONNX dir, TensorRT on an engine dir). The
+    family comes from the export; the request goes in as it is."""
 
     def __init__(self, path: Path, backend: str, device: torch.device, name: str | None = None, **options: Any):
         from sdtrt import Pipeline
@@ -244,14 +318,15 @@ class SdtrtSystem(System):
         self.device = device
         self.pipe = Pipeline.load(path, backend=backend, **options)
 
-    def _call(self, r: Request):
-        return self.pipe(r.prompts, negative_prompt=r.negative_prompts, steps=r.steps, guidance_scale=r.guidance_scale,
-                         height=r.height, width=r.width, scheduler=r.scheduler, seed=r.seed, progress=False)
-
     def run(self, r: Request) -> Sample:
-        res = self._call(r)
+        res = self.pipe.run(r, progress=False)
         t = res.timings
         return Sample(t["total"], t["text_encoder"], t["unet"] / t["unet_calls"], int(t["unet_calls"]), t["vae_decoder"], _uint8(res.images[0]))
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            self.pipe.close()
+        self.pipe = None
 
     def step_overhead(self, r: Request) -> float:
         """The engine call becomes a no-op; everything sdtrt does around it (binding, outputs, its NaN
@@ -271,7 +346,7 @@ class SdtrtSystem(System):
         backend._execute = lambda *a, **k: None
         backend.run = run
         try:
-            res = self._call(dataclasses.replace(r, steps=max(r.steps, OVERHEAD_STEPS)))
+            res = self.pipe.run(r.replace(steps=max(r.steps, OVERHEAD_STEPS)), progress=False)
         finally:
             del backend._execute, backend.run
         import statistics

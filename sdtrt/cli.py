@@ -700,7 +700,9 @@ def _bench_parser(sub) -> None:
              """\
              Run the same request through eager diffusers (the reference), Optimum's ONNX Runtime pipeline
              and sdtrt (every backend available here) in one process: warm-up, then interleaved rounds
-             (A B C A B C ...). Reports per stage (text encoder, UNet per call, VAE decode) and end to end:
+             (A B C A B C ...); with --mode one-at-a-time (chosen automatically when the model would not
+             fit in memory once per system, e.g. SDXL on 24 GB) each system is loaded, measured and
+             unloaded in turn. SD 1.x/2.x and SDXL folders. Reports per stage (text encoder, UNet per call, VAE decode) and end to end:
              median, min, max; speed-up over diffusers; peak RSS (and GPU memory); runtime overhead per
              step (loop time with the UNet replaced by a no-op); and checks every system made the same
              image (PSNR vs diffusers). Writes JSON and a PNG chart. --compare gates regressions.
@@ -711,6 +713,7 @@ def _bench_parser(sub) -> None:
              sdtrt bench --preset sd15 --height 256 --width 256 --steps 4 --repeats 5
              sdtrt bench --preset tiny --repeats 2 --out out/tiny-bench.json
              sdtrt bench --preset sd15 --compare benchmarks/reference/bench-sd15-256-cpu.json --max-regression 5%
+             sdtrt bench --preset sdxl --height 512 --width 512 --steps 2 --repeats 1 --mode one-at-a-time
              """)
     from benchmarks.bench import add_arguments
 

@@ -1,5 +1,5 @@
-"""The benchmark harness (on the tiny model): complete JSON, the regression gate, the same-image check.
-No test here asserts a speed."""
+"""The benchmark harness (on the tiny models): complete JSON, the regression gate, the same-image check,
+SDXL side by side, one system at a time. No test here asserts a speed."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def test_results_json_has_every_field(result):
     assert doc["schema"] == "sdtrt-bench/1"
     assert {"cpu", "cores"} <= set(doc["machine"]) and {"torch", "diffusers", "onnxruntime"} <= set(doc["versions"])
     assert doc["config"]["steps"] == 3 and doc["config"]["height"] == 64
+    assert doc["config"]["family"] == "sd" and doc["config"]["mode"] == "interleaved"  # auto: the tiny model fits three times
     assert set(doc["systems"]) == {"diffusers", "optimum-ort", "sdtrt-onnxruntime"}
     for name, entry in doc["systems"].items():
         assert len(entry["samples"]) == 2
@@ -217,3 +218,87 @@ def test_cli_names_the_compare_fix_without_a_traceback(tiny_model, tmp_path, cap
     assert code == 2 and "Traceback" not in err
     assert "missing.json does not exist" in err and "pass an existing results JSON to --compare" in err  # the problem and its fix
     assert not (tmp_path / "work").exists()
+
+
+# --- SDXL, and one system at a time ----------------------------------------------------------------
+
+SDXL_FAST = ["--height", "64", "--width", "64", "--steps", "2", "--repeats", "1", "--warmup", "0", "--systems", "diffusers,optimum,sdtrt"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_runs(tiny_sdxl_model, tmp_path_factory) -> dict:
+    """The same SDXL bench, interleaved (with the no-op-UNet overhead runs) and one system at a time,
+    sharing one work folder (the second reuses the exports); and that folder, as "work"."""
+    work = tmp_path_factory.mktemp("bench-sdxl-work")
+    docs: dict = {"work": work}
+    for mode, extra in (("interleaved", []), ("one-at-a-time", ["--no-overhead"])):
+        out = work / f"{mode}.json"
+        assert bench([str(tiny_sdxl_model), "--work-dir", str(work), "--out", str(out), "--mode", mode, *SDXL_FAST, *extra]) == 0
+        docs[mode] = json.loads(out.read_text())
+    return docs
+
+
+def test_sdxl_runs_in_diffusers_optimum_and_sdtrt_each_making_diffusers_image(sdxl_runs):
+    doc = sdxl_runs["interleaved"]
+    assert doc["config"]["family"] == "sdxl" and doc["config"]["guidance_scale"] == 7.5  # explicit, for every system
+    assert set(doc["systems"]) == {"diffusers", "optimum-ort", "sdtrt-onnxruntime"}
+    report = doc["same_image"]
+    assert report["ok"] and report["psnr_db"].keys() == {"optimum-ort", "sdtrt-onnxruntime"}
+    assert all(db is None or db >= 40 for db in report["psnr_db"].values()), report  # None: identical
+    for entry in doc["systems"].values():
+        assert entry["samples"][0]["unet_calls"] == 2 and entry["summary"]["text_encoder"]["median"] > 0
+        assert entry["step_overhead_ms"] > 0  # the no-op UNet works with SDXL's added conditioning too
+
+
+def test_one_at_a_time_makes_the_same_images_and_says_so_in_the_json(sdxl_runs):
+    together, alone = sdxl_runs["interleaved"], sdxl_runs["one-at-a-time"]
+    assert together["config"]["mode"] == "interleaved" and alone["config"]["mode"] == "one-at-a-time"
+    assert alone["config"]["mode_reason"] == "--mode one-at-a-time"
+    assert alone["same_image"]["ok"] and alone["same_image"]["image_sha256"] == together["same_image"]["image_sha256"]
+    assert alone["config"]["systems"] == together["config"]["systems"] == ["diffusers", "optimum-ort", "sdtrt-onnxruntime"]
+    for entry in alone["systems"].values():
+        assert entry["rss_peak_mb"] > 0 and entry["rss_after_unload_mb"] > 0 and "speedup_vs_diffusers" in entry
+
+
+def test_both_sdxl_text_encoders_are_timed_as_the_text_encoder_stage(tiny_sdxl_model, sdxl_runs):
+    import torch
+
+    from benchmarks.systems import DiffusersSystem, OptimumSystem, Request
+    from sdtrt.export.source import inspect_source
+
+    family = inspect_source(tiny_sdxl_model).family
+    cache = next(p for p in sdxl_runs["work"].glob("*/optimum-onnx-*") if OptimumSystem.exported_from(p))  # the bench's export
+    request = Request(["a fox"], ["blurry"], steps=1, guidance_scale=7.5, height=64, width=64, scheduler="euler", seed=0)
+    for system in (DiffusersSystem(tiny_sdxl_model, torch.device("cpu"), family), OptimumSystem(cache, torch.device("cpu"), family)):
+        system.run(request)
+        assert system.timers.calls["text_encoder"] == 4, system.name  # 2 encoders x (prompt, negative prompt)
+
+
+def test_auto_mode_loads_one_system_at_a_time_only_when_they_do_not_fit():
+    from benchmarks.bench import choose_mode
+
+    gib = 2**30
+    assert choose_mode("auto", 1 * gib, 3, 20 * gib)[0] == "interleaved"
+    mode, why = choose_mode("auto", 13 * gib, 3, 20 * gib)  # full-size SDXL, fp32, three times, on a 24 GB machine
+    assert mode == "one-at-a-time" and "do not fit" in why and "39.0 GiB" in why and "20.0 GiB" in why
+    assert choose_mode("interleaved", 13 * gib, 3, 20 * gib) == ("interleaved", "--mode interleaved")  # asked for: obeyed
+
+
+def test_auto_mode_switches_and_logs_why(tiny_model, tmp_path, monkeypatch, capsys):
+    import benchmarks.bench as b
+
+    monkeypatch.setattr(b, "available_memory", lambda device: (1000, "memory"))  # 1000 bytes free
+    out = tmp_path / "r.json"
+    assert bench([str(tiny_model), "--work-dir", str(tmp_path / "work"), "--out", str(out), *FAST, "--systems", "diffusers"]) == 0
+    logged = capsys.readouterr().out
+    assert "mode one-at-a-time: auto: the systems do not fit in memory together" in logged and "unloaded diffusers" in logged
+    doc = json.loads(out.read_text())
+    assert doc["config"]["mode"] == "one-at-a-time" and "do not fit" in doc["config"]["mode_reason"]
+
+
+@pytest.mark.parametrize("preset", ["tiny-inpaint", "tiny-sdxl-refiner"])
+def test_models_that_are_not_text_to_image_are_refused_before_any_work(preset, tmp_path):
+    work = tmp_path / "work"
+    with pytest.raises(SdtrtError, match="sdtrt bench times text-to-image") as e:
+        bench(["--preset", preset, "--work-dir", str(work)])
+    assert "--preset" in e.value.fix and not work.exists()
