@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "it exists for models that do not fit in memory several times over (full-size SDXL: ~13.5 GB fp32 per "
                         "system). auto (default): interleaved, unless the weights times the number of systems exceed the "
                         "available memory (GPU memory too on CUDA); the choice and its reason are logged and written to the JSON")
+    p.add_argument("--controlnet", metavar="PRESET_OR_DIR",
+                   help="also run a ControlNet (a diffusers ControlNet folder, or a preset such as sd15-controlnet, made and cached): "
+                        "diffusers' ControlNet pipeline vs sdtrt, with the ControlNet's time per call (Optimum has no ControlNet pipeline)")
     p.add_argument("--work-dir", type=Path, help="where models, ONNX and engines are cached (default: $SDTRT_CACHE/bench)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench.json"), help="results JSON")
     p.add_argument("--plot", type=Path, help="per-stage bar chart PNG (default: next to --out)")
@@ -226,15 +229,45 @@ def _onnx_stale(target: Path, model: Model, dtype: str, size: list[int]) -> str 
     return why
 
 
-def _sdtrt_onnx(model: Model, work: Path, a: argparse.Namespace, dtype: str, log) -> Path:
+def _controlnet_dir(a: argparse.Namespace, work: Path, log) -> Path | None:
+    """--controlnet: a ControlNet folder as given, or a preset made once under the work dir."""
+    if not a.controlnet:
+        return None
+    from sdtrt import __version__
+
+    if Path(a.controlnet).is_dir():
+        return Path(a.controlnet)
+    path = work / "presets" / f"{a.controlnet}-sdtrt{__version__}-seed{PRESET_SEED}"
+    if not (path / "config.json").is_file():
+        log(f"making the {a.controlnet} preset in {path} (once)")
+        _presets().make_model(a.controlnet, path, seed=PRESET_SEED, force=True)
+    return path
+
+
+def control_image(height: int, width: int):
+    """A fixed control image for ControlNet benchmarks: a grid of edges, as a canny map looks."""
+    import numpy as np
+    from PIL import Image
+
+    grid = np.zeros((height, width, 3), dtype=np.uint8)
+    grid[::16, :], grid[:, ::16] = 255, 255
+    return Image.fromarray(grid)
+
+
+def _sdtrt_onnx(model: Model, work: Path, a: argparse.Namespace, dtype: str, log, controlnet: Path | None = None) -> Path:
     from sdtrt.export import export_model
+    from sdtrt.files import file_sha256
 
     # the export validates at (and records as its default) --height x --width, so the size is part of the key
     target = model.cache(work) / f"onnx-{dtype}-{a.height}x{a.width}"
+    if controlnet is not None:  # keyed by the ControlNet's weights too
+        weights = sorted(controlnet.glob("*.safetensors"))
+        target = target.with_name(target.name + f"-cn{file_sha256(weights[0])[:12] if weights else controlnet.name}")
     why = _onnx_stale(target, model, dtype, [a.height, a.width])
     if why:
         log(f"exporting {model.name} to {target} ({dtype}, {why})")
-        export_model(model.path, target, dtype=dtype, height=a.height, width=a.width, force=True, log=log)
+        export_model(model.path, target, dtype=dtype, height=a.height, width=a.width, force=True, log=log,
+                     controlnets=[(controlnet, "control")] if controlnet is not None else ())
     return target
 
 
@@ -259,11 +292,14 @@ def plan_systems(a: argparse.Namespace, checked: Checked, model: Model, work: Pa
     """Make every export and engine the chosen systems need (before any is loaded: neither their time nor
     their memory belongs to a system's load), and say how to load each."""
     planned: list[Planned] = []
+    net = _controlnet_dir(a, work, log)
     for system in checked.systems:
         if system == "diffusers":
-            planned.append(Planned("diffusers", functools.partial(DiffusersSystem, model.path, device, model.family)))
+            planned.append(Planned("diffusers", functools.partial(DiffusersSystem, model.path, device, model.family, controlnet=net)))
         elif system == "diffusers-compile":
             planned.append(Planned("diffusers+compile", functools.partial(DiffusersSystem, model.path, device, model.family, compile_unet=True)))
+        elif system == "optimum" and net is not None:
+            log("Optimum has no ControlNet pipeline: skipping it for this ControlNet benchmark")
         elif system == "optimum":
             if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.onnxruntime") is None:
                 log("optimum-onnx is not installed: skipping it (pip install 'sdtrt[bench]')")
@@ -275,7 +311,7 @@ def plan_systems(a: argparse.Namespace, checked: Checked, model: Model, work: Pa
             OptimumSystem.export(model.path, cache, model.sha256, model.family, log=log)
             planned.append(Planned("optimum-ort", functools.partial(OptimumSystem, cache, device, model.family, a.threads)))
         elif system == "sdtrt":
-            onnx32 = _sdtrt_onnx(model, work, a, "fp32", log)
+            onnx32 = _sdtrt_onnx(model, work, a, "fp32", log, net)
             if device.type == "cpu":
                 planned.append(Planned("sdtrt-onnxruntime", functools.partial(SdtrtSystem, onnx32, "onnxruntime", device, threads=a.threads)))
             else:
@@ -393,6 +429,8 @@ def run(a: argparse.Namespace, log=print) -> int:
     # SD 7.5, SDXL 5.0), and the scheduler is the same class for all (sdtrt names map to diffusers classes)
     request = Request(prompts, [a.negative_prompt] * len(prompts), steps=a.steps, guidance_scale=a.guidance_scale,
                       height=a.height, width=a.width, scheduler=a.scheduler, seed=a.seed).check()
+    if a.controlnet:  # the same control image and scale for diffusers' ControlNet pipeline and sdtrt
+        request = request.replace(control_image=control_image(a.height, a.width), controlnet_conditioning_scale=1.0).check()
     planned = plan_systems(a, checked, model, work, device, log)
     available, where = available_memory(device)
     mode, why = choose_mode(a.mode, model.weight_bytes, len(planned), available, where)
@@ -407,7 +445,8 @@ def run(a: argparse.Namespace, log=print) -> int:
               "seed": a.seed, "prompts": prompts, "negative_prompt": a.negative_prompt, "batch": a.batch, "warmup": a.warmup,
               "repeats": a.repeats, "threads": a.threads, "device": str(device), "mode": mode, "mode_reason": why,
               "model_dir": str(model.path), "model_name": model.name, "family": model.family.name,
-              "weights_sha256": model.sha256, "weights_mb": round(model.weight_bytes / 2**20, 1), "systems": list(measured["systems"])}
+              "weights_sha256": model.sha256, "weights_mb": round(model.weight_bytes / 2**20, 1), "systems": list(measured["systems"]),
+              "controlnet": a.controlnet}
     doc = results_document(measured, config, report, load)
     write_json(doc, a.out)
     log(f"wrote {a.out}")
@@ -439,8 +478,9 @@ def table(doc: dict[str, Any]) -> str:
         s = e["summary"]
         p = "ref" if name == "diffusers" else ("inf" if psnrs.get(name) is None else f"{psnrs[name]:.1f}")
         oh = f"{e['step_overhead_ms']:.3f} ms" if "step_overhead_ms" in e else "-"
+        cn = f"  ControlNet/call {s['controlnet_per_call']['median']:.3f}s" if "controlnet_per_call" in s else ""
         rows.append(f"{name:<26}{s['end_to_end']['median']:>11.3f}s{s['text_encoder']['median']:>9.3f}s{s['unet_per_call']['median']:>10.3f}s"
-                    f"{s['vae_decoder']['median']:>9.3f}s{e.get('speedup_vs_diffusers', {}).get('end_to_end', 1.0):>11.2f}x{oh:>15}{p:>8}")
+                    f"{s['vae_decoder']['median']:>9.3f}s{e.get('speedup_vs_diffusers', {}).get('end_to_end', 1.0):>11.2f}x{oh:>15}{p:>8}{cn}")
     return "\n".join(rows)
 
 

@@ -45,18 +45,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="sm89", help="TensorRT-RTX build target")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/export_build.json"))
     p.add_argument("--skip", default="", help="comma-separated step names to skip (make-model,export-fp32,export-fp16,build-static,build-dynamic)")
+    p.add_argument("--validate-size", type=int, help="export validation image side (default: the preset's native size)")
+    p.add_argument("--static-size", type=int, help="static engine side (default: the preset's native size)")
+    p.add_argument("--dynamic", default="256:512:768", metavar="MIN:OPT:MAX", help="dynamic engine side range in pixels")
     a = p.parse_args(argv)
     sdtrt = [sys.executable, "-m", "sdtrt"]
     w = a.work
     skip = set(filter(None, a.skip.split(",")))
+    validate = ["--height", str(a.validate_size), "--width", str(a.validate_size)] if a.validate_size else []
+    static = ["--height", str(a.static_size), "--width", str(a.static_size)] if a.static_size else []
     steps = {
         "make-model": [*sdtrt, "make-model", "--preset", a.preset, "--out", str(w / "model"), "--force"],
-        "export-fp32": [*sdtrt, "export", str(w / "model"), "--out", str(w / "onnx-fp32"), "--force", "--no-progress"],
-        "export-fp16": [*sdtrt, "export", str(w / "model"), "--out", str(w / "onnx-fp16"), "--dtype", "fp16", "--force", "--no-progress"],
+        "export-fp32": [*sdtrt, "export", str(w / "model"), "--out", str(w / "onnx-fp32"), "--force", "--no-progress", *validate],
+        "export-fp16": [*sdtrt, "export", str(w / "model"), "--out", str(w / "onnx-fp16"), "--dtype", "fp16", "--force", "--no-progress",
+                        *validate],
         "build-static": [*sdtrt, "build", str(w / "onnx-fp16"), "--out", str(w / "engines-static"), "--target", a.target, "--batch", "1",
-                         "--force", "--no-cache", "--no-progress"],
+                         *static, "--force", "--no-cache", "--no-progress"],
         "build-dynamic": [*sdtrt, "build", str(w / "onnx-fp16"), "--out", str(w / "engines-dynamic"), "--target", a.target,
-                          "--batch", "1:1:4", "--height", "256:512:768", "--width", "256:512:768", "--force", "--no-cache", "--no-progress"],
+                          "--batch", "1:1:4", "--height", a.dynamic, "--width", a.dynamic, "--force", "--no-cache", "--no-progress"],
     }
     results = {}
     for name, argv_ in steps.items():
@@ -64,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results[name] = run_measured(argv_)
         print(f"{name}: {results[name]['seconds']} s, peak RSS {results[name]['peak_rss_gb']} GB", flush=True)
+        write_json({"preset": a.preset, "steps": results, "partial": True}, a.out)  # what finished survives a later failure
     doc = {"machine": machine_info(), "versions": library_versions(), "preset": a.preset, "steps": results}
     for kind in ("static", "dynamic"):
         manifest = w / f"engines-{kind}" / "engines.json"

@@ -22,6 +22,7 @@ from .systems import Request, Sample, System
 
 SCHEMA = "sdtrt-bench/1"
 STAGES = ("end_to_end", "text_encoder", "unet_per_call", "vae_decoder")
+OPTIONAL_STAGES = ("controlnet_per_call",)  # reported when every sample has it (a ControlNet benchmark)
 REFERENCE = "diffusers"
 
 
@@ -134,6 +135,7 @@ def measure(systems: list[System], request: Request, warmup: int, repeats: int, 
                 with sampler.window() as mem:
                     sample: Sample = s.run(request)
                 row = {k: getattr(sample, k) for k in STAGES}
+                row.update({k: getattr(sample, k) for k in OPTIONAL_STAGES if getattr(sample, k) is not None})
                 row["unet_calls"] = sample.unet_calls
                 results[s.name]["samples"].append(row)
                 entry = results[s.name]
@@ -150,7 +152,8 @@ def measure(systems: list[System], request: Request, warmup: int, repeats: int, 
     finally:
         sampler.close()
     for name, entry in results.items():
-        entry["summary"] = {k: stats([row[k] for row in entry["samples"]]) for k in STAGES}
+        stages = list(STAGES) + [k for k in OPTIONAL_STAGES if entry["samples"] and all(k in row for row in entry["samples"])]
+        entry["summary"] = {k: stats([row[k] for row in entry["samples"]]) for k in stages}
     return {"systems": results, "images": images}
 
 
@@ -161,7 +164,8 @@ def add_speedups(measured: dict[str, Any]) -> dict[str, Any]:
         ref = results[REFERENCE]["summary"]
         for entry in results.values():
             entry["speedup_vs_diffusers"] = {k: round(ref[k]["median"] / entry["summary"][k]["median"], 3)
-                                             for k in STAGES if entry["summary"][k]["median"] > 0}
+                                             for k in (*STAGES, *OPTIONAL_STAGES)
+                                             if k in entry["summary"] and k in ref and entry["summary"][k]["median"] > 0}
     return measured
 
 

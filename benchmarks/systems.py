@@ -44,6 +44,10 @@ def diffusers_arguments(r: Request) -> dict[str, Any]:
     for name in ("prompt_2", "negative_prompt_2", "clip_skip"):
         if getattr(r, name) is not None:
             args[name] = getattr(r, name)
+    if r.control_image is not None:  # diffusers' ControlNet pipelines call the control image `image`
+        args["image"] = r.control_image
+        if r.controlnet_conditioning_scale is not None:
+            args["controlnet_conditioning_scale"] = r.controlnet_conditioning_scale
     return {k: v for k, v in args.items() if v is not None}
 
 
@@ -55,6 +59,7 @@ class Sample:
     unet_calls: int
     vae_decoder: float
     image: np.ndarray  # uint8 [H,W,3] of the first image
+    controlnet_per_call: float | None = None  # with a ControlNet: seconds per ControlNet call (the added per-step cost)
 
 
 class _Timers:
@@ -179,7 +184,9 @@ class _DiffusersPipelineSystem(System):
         sync()
         total = time.perf_counter() - t
         s, c = self.timers.seconds, self.timers.calls
-        return Sample(total, s.get("text_encoder", 0.0), s["unet"] / c["unet"], c["unet"], s["vae_decoder"], _uint8(out.images[0]))
+        controlnet = s["controlnet"] / c["controlnet"] if c.get("controlnet") else None
+        return Sample(total, s.get("text_encoder", 0.0), s["unet"] / c["unet"], c["unet"], s["vae_decoder"], _uint8(out.images[0]),
+                      controlnet)
 
     def _noop_engine(self):
         """A context manager during which the UNet's engine call costs nothing."""
@@ -201,21 +208,34 @@ class DiffusersSystem(_DiffusersPipelineSystem):
     """Eager diffusers, the family's text-to-image pipeline: fp32 on CPU; fp16 with SDPA on CUDA
     (optionally torch.compile'd UNet)."""
 
-    def __init__(self, model_dir: Path, device: torch.device, family, compile_unet: bool = False):
+    def __init__(self, model_dir: Path, device: torch.device, family, compile_unet: bool = False, controlnet: Path | None = None):
         import diffusers
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.name = "diffusers" + ("+compile" if compile_unet else "")
         self.device = device
-        cls = getattr(diffusers, text_to_image_class(family))
-        self.pipe = cls.from_pretrained(model_dir, torch_dtype=dtype, **_no_watermark(cls)).to(device)
+        extra: dict[str, Any] = {}
+        name = text_to_image_class(family)
+        if controlnet is not None:  # StableDiffusion(XL)ControlNetPipeline
+            name = name.replace("Pipeline", "ControlNetPipeline")
+            extra["controlnet"] = diffusers.ControlNetModel.from_pretrained(controlnet, torch_dtype=dtype)
+            if family.name == "sd":
+                extra.update(safety_checker=None, requires_safety_checker=False)
+        cls = getattr(diffusers, name)
+        self.pipe = cls.from_pretrained(model_dir, torch_dtype=dtype, **_no_watermark(cls), **extra).to(device)
+        if controlnet is not None:  # its calls are a stage of their own: the per-step cost a ControlNet adds
+            self.pipe.controlnet.forward = self._timed_controlnet(extra["controlnet"])
         self.pipe.unet.set_attn_processor(AttnProcessor2_0())  # SDPA
         self.pipe.set_progress_bar_config(disable=True)
         if compile_unet:
             self.pipe.unet = torch.compile(self.pipe.unet)
         p = self.pipe
         self._instrument(_present(p, family.text_encoders), p.unet, p.vae, "decode")
+
+    def _timed_controlnet(self, net):
+        forward = type(net).forward.__get__(net)
+        return lambda *a, **k: self.timers.wrap("controlnet", forward)(*a, **k)
 
     def close(self) -> None:
         super().close()
@@ -321,7 +341,9 @@ class SdtrtSystem(System):
     def run(self, r: Request) -> Sample:
         res = self.pipe.run(r, progress=False)
         t = res.timings
-        return Sample(t["total"], t["text_encoder"], t["unet"] / t["unet_calls"], int(t["unet_calls"]), t["vae_decoder"], _uint8(res.images[0]))
+        controlnet = t["controlnet"] / t["controlnet_calls"] if t.get("controlnet_calls") else None
+        return Sample(t["total"], t["text_encoder"], t["unet"] / t["unet_calls"], int(t["unet_calls"]), t["vae_decoder"],
+                      _uint8(res.images[0]), controlnet)
 
     def close(self) -> None:
         if self.pipe is not None:

@@ -194,7 +194,7 @@ class Pipeline:
 
         t0 = clock.now()
         latents, hooks = self._start(request, init_image, mask, sched, generator, in_channels)
-        hooks = [*self._controlnet(request, conditioning), *hooks]  # ControlNets see the latents before an inpainting UNet's extra channels
+        hooks = [*self._controlnet(request, conditioning, clock), *hooks]  # ControlNets see the latents before an inpainting UNet's extra channels
         clock.add("prepare", clock.now() - t0)
 
         hooks = list(hooks)
@@ -319,7 +319,7 @@ class Pipeline:
         width = width if width is not None else native[1]
         return init, mask, request.replace(height=height, width=width)
 
-    def _controlnet(self, r: Request, conditioning: dict[str, torch.Tensor]) -> list[StepHook]:
+    def _controlnet(self, r: Request, conditioning: dict[str, torch.Tensor], clock: _Clock) -> list[StepHook]:
         """The ControlNet hook for an export whose UNet takes residuals (it feeds zeros when none runs)."""
         from .controlnet import RESIDUALS, ControlNetHook, Net, load_control_image
 
@@ -353,7 +353,15 @@ class Pipeline:
             spec = self.model.specs[net.component]
             dtypes.update({(net.component, t.name): self.backend.input_dtype(net.component, t.name) for t in spec.inputs})
         added = [k for k in conditioning if k != "encoder_hidden_states"]
-        return [ControlNetHook(self._run, nets, unet, dtypes, added, r.cfg, r.guess_mode)]
+
+        def run(component: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            t0 = clock.now()
+            out = self._run(component, feeds)
+            clock.add("controlnet", clock.now() - t0)
+            clock.times["controlnet_calls"] = clock.times.get("controlnet_calls", 0) + 1
+            return out
+
+        return [ControlNetHook(run, nets, unet, dtypes, added, r.cfg, r.guess_mode)]
 
     def _schedule(self, r: Request, from_image: bool) -> tuple[schedulers.Scheduler, torch.Tensor]:
         """A fresh scheduler and the timesteps this call runs (strength / denoising_start skip the start of
