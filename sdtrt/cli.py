@@ -343,7 +343,8 @@ _FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "num_image
           "negative_original_size": "--negative-original-size", "negative_target_size": "--negative-target-size",
           "aesthetic_score": "--aesthetic-score", "negative_aesthetic_score": "--negative-aesthetic-score",
           "controlnet": "--controlnet", "control_image": "--control-image", "controlnet_conditioning_scale": "--control-scale",
-          "control_guidance_start": "--control-start", "control_guidance_end": "--control-end"}
+          "control_guidance_start": "--control-start", "control_guidance_end": "--control-end",
+          "vae_tiling": "--vae-tiling", "vae_slicing": "--vae-slicing"}
 
 
 def _generate_parser(sub) -> None:
@@ -423,7 +424,10 @@ def _generate_parser(sub) -> None:
     g.add_argument("--negative-aesthetic-score", type=finite, help="refiner: negative aesthetic score (default 2.5)")
     g.add_argument("--refiner", type=folder, help="an SDXL refiner ONNX/engine dir: the base runs the first --refiner-start of the schedule, the refiner the rest")
     g.add_argument("--refiner-start", type=strength, default=0.8, help="fraction of the schedule the base runs before the refiner takes its latents")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="auto: by directory kind")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode (and encode) in overlapping, blended tiles: large images in the memory of one tile (diffusers' vae.enable_tiling())")
+    p.add_argument("--vae-slicing", action="store_true", help="run the VAE one image at a time (diffusers' vae.enable_slicing())")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "aoti"], help="auto: by directory kind")
     p.add_argument("--device", type=device, help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
     p.add_argument("--threads", type=threads, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     p.add_argument("--out", default="outputs/", help="image path (.png, .jpg, .webp), or a folder ending in / for numbered images")
@@ -559,7 +563,7 @@ def _run_generate(a: argparse.Namespace) -> None:
                       target_size=a.target_size, crops_coords_top_left=a.crops_coords_top_left or (0, 0),
                       negative_original_size=a.negative_original_size, negative_target_size=a.negative_target_size,
                       **{k: v for k, v in (("aesthetic_score", a.aesthetic_score), ("negative_aesthetic_score", a.negative_aesthetic_score))
-                         if v is not None}, **_control(a)).check()
+                         if v is not None}, **_control(a), vae_tiling=a.vae_tiling, vae_slicing=a.vae_slicing).check()
     if a.scheduler:
         _scheduler_name(a.scheduler)
     # everything about the outputs is decided and checked before any model is made or loaded
@@ -627,10 +631,14 @@ def _build_parser(sub) -> None:
              sdtrt build out/onnx --out out/engines --target sm86,sm89
              sdtrt build out/sd15-fp16 --out out/sd15-rtx --target sm89 --batch 1:1:4 --height 512:512:768 --width 512:512:768
              sdtrt build out/sd15-fp16 --out out/sd15-trt --backend tensorrt --timing-cache out/timing.cache
+             sdtrt build models/sd15 --out out/sd15-aoti --backend aoti --device cuda --dtype fp16 --height 512
              """)
-    p.add_argument("onnx_dir", type=Path, help="ONNX directory written by `sdtrt export`")
+    p.add_argument("onnx_dir", type=Path, help="ONNX directory written by `sdtrt export` (aoti: or a diffusers folder)")
     p.add_argument("--out", required=True, type=Path, help="engine directory to write")
-    p.add_argument("--backend", choices=["tensorrt-rtx", "tensorrt"], default="tensorrt-rtx", help="which TensorRT library builds")
+    p.add_argument("--backend", choices=["tensorrt-rtx", "tensorrt", "aoti"], default="tensorrt-rtx",
+                   help="which library builds: TensorRT-RTX, TensorRT, or torch's AOTInductor (.pt2 packages; no TensorRT needed)")
+    p.add_argument("--device", type=device, default="cpu", help="aoti: compile for cpu or cuda (this machine's GPU)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], help="aoti: precision (default: the ONNX dir's; fp16 needs --device cuda)")
     p.add_argument("--batch", default="1:1:4", help="images per call, MIN:OPT:MAX or one value")
     p.add_argument("--height", help="pixels, MIN:OPT:MAX or one value, multiples of 8 (default: the model's native size, static)")
     p.add_argument("--width", help="pixels, MIN:OPT:MAX or one value, multiples of 8 (default: the model's native size, static)")
@@ -652,6 +660,14 @@ def _build_parser(sub) -> None:
 def _run_build(a: argparse.Namespace) -> None:
     from .engines.build import build_engines
 
+    if a.backend == "aoti":
+        from .engines.aoti import build_aoti
+
+        out = build_aoti(a.onnx_dir, a.out, device=a.device, dtype=a.dtype, batch=a.batch, height=a.height, width=a.width,
+                         components=_components(a.components), max_prompt_chunks=a.max_prompt_chunks, force=a.force,
+                         show_progress=not a.no_progress)
+        print(f"wrote AOTInductor packages to {out} (inspect with: sdtrt inspect {out})")
+        return
     out = build_engines(a.onnx_dir, a.out, backend=a.backend, batch=a.batch, height=a.height, width=a.width, target=a.target,
                         opt_level=a.opt_level, timing_cache=a.timing_cache, refit=a.refit, workspace_mb=a.workspace,
                         components=_components(a.components), max_prompt_chunks=a.max_prompt_chunks, force=a.force,

@@ -72,7 +72,8 @@ class Ranges:
                    Range.parse(width, "--width", VAE_FACTOR, MAX_SIDE), prompt_chunks)
 
 
-def _sizes(r: Ranges, which: str) -> dict[str, int]:
+def symbol_sizes(r: Ranges, which: str) -> dict[str, int]:
+    """The value of every per-call symbol at the profile's min, opt or max."""
     b, h, w = getattr(r.batch, which), getattr(r.height, which), getattr(r.width, which)
     low, high = which == "min", which == "max"
     return {
@@ -86,5 +87,5 @@ def _sizes(r: Ranges, which: str) -> dict[str, int]:
 
 def profile(spec: ComponentSpec, ranges: Ranges) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """input name -> (min, opt, max) shape for one engine."""
-    per = {which: _sizes(ranges, which) for which in ("min", "opt", "max")}
+    per = {which: symbol_sizes(ranges, which) for which in ("min", "opt", "max")}
     return {t.name: tuple(t.shape(per[w]) for w in ("min", "opt", "max")) for t in spec.inputs}

@@ -8,12 +8,12 @@ from ...errors import SdtrtError
 from ...artifacts import ModelDir
 from .base import Backend
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "aoti")
 
 
 def load(name: str, model: ModelDir, **options: Any) -> Backend:
     if name == "auto":
-        name = "tensorrt" if model.kind == "engines" else "onnxruntime"
+        name = "onnxruntime" if model.kind != "engines" else ("aoti" if model.manifest.backend.name == "aoti" else "tensorrt")
     if name == "onnxruntime":
         if model.kind == "engines":
             raise SdtrtError(f"{model.root} holds TensorRT engines, which ONNX Runtime cannot run.",
@@ -21,7 +21,16 @@ def load(name: str, model: ModelDir, **options: Any) -> Backend:
         from .onnxruntime import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(model, **options)
+    if name == "aoti":
+        if model.kind != "engines" or model.manifest.backend.name != "aoti":
+            raise SdtrtError(f"{model.root} holds no AOTInductor packages.",
+                             f"compile them first: sdtrt build {model.root} --backend aoti --out DIR (or use backend='onnxruntime')")
+        from .aoti import AotiBackend
+
+        return AotiBackend(model, **options)
     if name == "tensorrt":
+        if model.kind == "engines" and model.manifest.backend.name == "aoti":
+            raise SdtrtError(f"{model.root} holds AOTInductor packages.", "use backend='aoti' (or 'auto')")
         if model.kind != "engines":
             raise SdtrtError(f"{model.root} is an ONNX directory; the tensorrt backend runs engines.",
                              f"build engines first: sdtrt build {model.root} --out ENGINE_DIR (or use backend='onnxruntime')")
