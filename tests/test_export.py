@@ -240,3 +240,29 @@ def test_every_weight_matrix_keeps_its_torch_name_in_the_onnx(tiny_onnx, tiny_mo
             assert stored.shape[0] == param.shape[0] + slots and not stored[param.shape[0]:].any()
             stored = stored[: param.shape[0]]
         assert np.array_equal(stored, param.detach().numpy())  # untransposed
+
+
+def test_models_torch_writes_with_external_data_are_cleaned_by_streaming(tiny_onnx, tmp_path):
+    """Over 2 GiB, torch writes one file per tensor; clean_and_save then works on a weightless graph and
+    streams tensors into model.onnx.data one at a time (SDXL's fp32 UNet would not fit twice in 24 GB).
+    Same outputs as the in-memory path, and the weight matrices keep their names."""
+    import onnxruntime as ort
+
+    from sdtrt.artifacts import open_model_dir
+
+    source = tiny_onnx / "unet" / "model.onnx"
+    raw = tmp_path / "raw" / "model.onnx"
+    raw.parent.mkdir()
+    onnx.save_model(onnx.load(str(source)), str(raw), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(raw.parent.iterdir())) > 100  # like torch: a file per tensor
+    spec = open_model_dir(tiny_onnx).specs["unet"]
+    weights = {t.name for t in onnx.load(str(source), load_external_data=False).graph.initializer if t.name.startswith("unet.")}
+    out = tmp_path / "clean" / "model.onnx"
+    assert graph.clean_and_save(raw, out, spec, weights=weights) is True
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    feeds = {"sample": np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32), "timestep": np.array([500.0], np.float32),
+             "encoder_hidden_states": np.random.default_rng(1).standard_normal((2, 77, 32)).astype(np.float32)}
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]  # noqa: E731
+    assert np.allclose(run(source), run(out), atol=1e-5)
+    names = {t.name for t in onnx.load(str(out), load_external_data=False).graph.initializer}
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight" in names

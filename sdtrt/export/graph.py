@@ -91,17 +91,24 @@ def clean_and_save(raw_path: Path, out_path: Path, spec: ComponentSpec,
                    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, weights: set[str] = frozenset()) -> bool:
     """Fold constants, infer shapes, toposort; save to `out_path`. Returns True if external data was used.
 
-    Memory: at most two copies of the weights are alive at once (the loaded graph while the cleaned
-    one is written out). Shape inference runs on a weightless twin of the graph, so models over
-    2 GiB need no extra copy or temporary file for it.
+    Models torch wrote with external data (over 2 GiB: SD 1.5's fp32 UNet, SDXL's) are cleaned as a
+    weightless graph and their tensors streamed, one at a time, from torch's files into
+    model.onnx.data: memory stays at one tensor, not two copies of 10 GB (what made SDXL's fp32 export
+    fit in 24 GB). Smaller models are cleaned in memory. Shape inference always runs on a weightless
+    twin of the graph.
     """
     import onnx
     import onnx_graphsurgeon as gs
 
     logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
     _quiet_onnxruntime()
+    skeleton = onnx.load(str(raw_path), load_external_data=False)
+    streamed = any(t.data_location == onnx.TensorProto.EXTERNAL for t in skeleton.graph.initializer)
+    if streamed:  # small tensors (shapes, axes, scalars) inline: folding and shape inference need their values
+        _load_external(skeleton, raw_path.parent, lambda t: (t.name not in weights or len(t.dims) < 2) and _external_length(t) <= INLINE_LIMIT)
     with _quiet(), contextlib.redirect_stdout(io.StringIO()):
-        graph = gs.import_onnx(onnx.load(str(raw_path)))  # pulls in any external tensors torch wrote
+        graph = gs.import_onnx(skeleton if streamed else onnx.load(str(raw_path)))
+        del skeleton
         # nodes reading a named weight matrix or kernel (what adapters change) are not folded, so the
         # weight keeps its torch name (see torch_to_onnx); biases and norm scales fold as before
         def reads_named_weight(node) -> bool:
@@ -114,11 +121,15 @@ def clean_and_save(raw_path: Path, out_path: Path, spec: ComponentSpec,
         gc.collect()
         infer_shapes_in_place(model)
     name_io_dims(model, spec)
-    external = initializer_bytes(model) > external_data_threshold
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if external:
+    data = out_path.name + ".data"
+    if streamed:
+        _stream_external_data(model, raw_path.parent, out_path.parent / data, weights)
+        onnx.save_model(model, str(out_path))
+        return True
+    if initializer_bytes(model) > external_data_threshold:
         onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=out_path.name + ".data", size_threshold=1024)
+                        location=data, size_threshold=1024)
         return True
     # The named weight matrices go to model.onnx.data even in small files: ONNX Runtime can replace an
     # initializer before it optimizes the graph only when it is stored outside the proto
@@ -127,9 +138,65 @@ def clean_and_save(raw_path: Path, out_path: Path, spec: ComponentSpec,
 
     named = [t for t in model.graph.initializer if t.name in weights and len(t.dims) >= 2]
     for t in named:
-        set_external_data(t, location=out_path.name + ".data")
+        set_external_data(t, location=data)
     onnx.save_model(model, str(out_path))
     return bool(named)
+
+
+INLINE_LIMIT = 1 << 16  # external tensors up to 64 KiB are read back into the graph when it is cleaned
+
+
+def _external_length(t) -> int:
+    from onnx.external_data_helper import ExternalDataInfo
+
+    info = ExternalDataInfo(t)
+    if info.length:
+        return int(info.length)
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * 8  # an upper bound when the length is not recorded
+
+
+def _load_external(model, folder: Path, wanted) -> None:
+    """Read the bytes of the external tensors `wanted` selects back into the graph (raw_data)."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    for t in model.graph.initializer:
+        if t.data_location == t.EXTERNAL and wanted(t):
+            info = ExternalDataInfo(t)
+            with open(folder / info.location, "rb") as f:
+                f.seek(info.offset or 0)
+                t.raw_data = f.read(info.length) if info.length else f.read()
+            del t.external_data[:]
+            t.data_location = t.DEFAULT
+
+
+def _stream_external_data(model, source_dir: Path, target: Path, weights: set[str]) -> None:
+    """Move every external tensor's bytes from torch's files into one `target` file, tensor by tensor,
+    and point the model at it; inline weight matrices move too (adapters need them outside the proto)."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    with open(target, "wb") as out:
+        for t in model.graph.initializer:
+            if t.data_location == t.EXTERNAL:
+                info = ExternalDataInfo(t)
+                with open(source_dir / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    payload = f.read(info.length) if info.length else f.read()
+            elif t.name in weights and len(t.dims) >= 2 and t.HasField("raw_data"):
+                payload = t.raw_data
+            else:
+                continue
+            offset = out.tell()
+            out.write(payload)
+            del t.external_data[:]
+            t.ClearField("raw_data")
+            for key, value in (("location", target.name), ("offset", str(offset)), ("length", str(len(payload)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            t.data_location = t.EXTERNAL
+            del payload
 
 
 def initializer_names(path: Path) -> set[str]:
