@@ -23,7 +23,7 @@ from .harness import (add_speedups, check_output_path, image_check, load_results
                       results_document, write_chart, write_json)
 from .systems import DiffusersSystem, OptimumSystem, Request, SdtrtSystem, System, text_to_image_class, unload
 
-ALL_SYSTEMS = ("diffusers", "diffusers-compile", "optimum", "sdtrt")
+ALL_SYSTEMS = ("diffusers", "diffusers-compile", "optimum", "sdtrt", "sdtrt-aoti")
 MODES = ("auto", "interleaved", "one-at-a-time")
 
 
@@ -296,6 +296,12 @@ def plan_systems(a: argparse.Namespace, checked: Checked, model: Model, work: Pa
     for system in checked.systems:
         if system == "diffusers":
             planned.append(Planned("diffusers", functools.partial(DiffusersSystem, model.path, device, model.family, controlnet=net)))
+        elif system == "sdtrt-aoti":
+            packages = _aoti(model, work, a, device, log)
+            planned.append(Planned("sdtrt-aoti", functools.partial(SdtrtSystem, packages, "aoti", device, name="sdtrt-aoti")))
+            if device.type == "cuda":
+                planned.append(Planned("sdtrt-aoti+graphs", functools.partial(SdtrtSystem, packages, "aoti", device,
+                                                                              name="sdtrt-aoti+graphs", cuda_graphs=True)))
         elif system == "diffusers-compile":
             planned.append(Planned("diffusers+compile", functools.partial(DiffusersSystem, model.path, device, model.family, compile_unet=True)))
         elif system == "optimum" and net is not None:
@@ -391,6 +397,23 @@ def measure_systems(planned: list[Planned], mode: str, request: Request, a: argp
         measured["systems"].update(part["systems"])
         measured["images"].update(part["images"])
     return measured, load
+
+
+def _aoti(model: Model, work: Path, a: argparse.Namespace, device, log) -> Path:
+    """AOTInductor packages for this model, size and batch (fp16 on a GPU, fp32 on the CPU), compiled once and
+    reused while their engines.json names these weights and this torch."""
+    import torch
+
+    from sdtrt.engines.aoti import build_aoti, device_target
+
+    dtype = "fp16" if device.type == "cuda" else "fp32"
+    target = model.cache(work) / f"aoti-{torch.__version__}-{device_target(device)}-{dtype}-{a.height}x{a.width}-b{a.batch}"
+    found, why = _reusable(target, model)
+    if found is None or found.kind != "engines":
+        log(f"compiling AOTInductor packages in {target} ({why or 'again'})")
+        build_aoti(model.path, target, device=str(device), dtype=dtype, batch=f"1:{a.batch}:{a.batch}", height=str(a.height),
+                   width=str(a.width), force=True, log=log)
+    return target
 
 
 def _engines(model: Model, work: Path, a: argparse.Namespace, log) -> Path | None:

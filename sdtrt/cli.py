@@ -745,6 +745,99 @@ def _run_bench(a: argparse.Namespace) -> None:
         raise SystemExit(status)
 
 
+def _serve_parser(sub) -> None:
+    from .serve.service import Limits, Settings
+
+    d, lim = Settings(), Limits()
+    p = _add(sub, "serve", "serve a model over HTTP: A1111-compatible API, batching, metrics, API key, Ray Serve",
+             """\
+             Load a model once and serve it over HTTP (FastAPI + uvicorn): the AUTOMATIC1111 web UI API
+             (POST /sdapi/v1/txt2img, /sdapi/v1/img2img; GET /sdapi/v1/samplers, /sdapi/v1/sd-models), sdtrt's own
+             request type (POST /v1/images: sdtrt.Request fields as JSON, PNG or JSON back), GET /health,
+             /ready and /metrics (Prometheus). Without MODEL_DIR it serves the tiny demo model.
+
+             Requests that can share a model call (same size, steps, sampler, guidance, strength, LoRAs ...)
+             and arrive within --max-wait-ms run as one batch of up to --max-batch images; each still gets
+             exactly the image it would get alone with its seed. The oldest request always goes next.
+             A full queue answers 503 with Retry-After; limits answer 422 naming the limit. With an API key
+             (--api-key or $SDTRT_API_KEY) every route except /health needs `Authorization: Bearer KEY`.
+             SIGTERM stops accepting, finishes in-flight requests (up to --drain-seconds) and exits 0.
+             --ray runs the same service as a Ray Serve deployment with --replicas copies of the model.
+             """,
+             """\
+             sdtrt serve                                      # tiny demo model on http://127.0.0.1:7861
+             sdtrt serve out/sd15-onnx --max-batch 4 --max-wait-ms 50 --api-key s3cret
+             sdtrt serve out/sd15-engines --backend tensorrt --lora-dir loras/ --max-size 1024
+             sdtrt serve out/sd15-onnx --ray --replicas 2 --port 8000
+             curl -s localhost:7861/sdapi/v1/txt2img -d '{"prompt": "a fox", "steps": 20, "seed": 1}'
+             """)
+    p.add_argument("model_dir", nargs="?", type=Path, help="ONNX dir (sdtrt export) or engine dir (sdtrt build); default: the tiny demo model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network: set an API key)")
+    p.add_argument("--port", type=nonnegative_int, default=7861, help="TCP port (A1111's is 7860)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="auto: by directory kind")
+    p.add_argument("--device", type=device, help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
+    p.add_argument("--threads", type=threads, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.add_argument("--max-batch", type=positive_int, default=d.max_batch, metavar="N", help="images per model call (1: no batching)")
+    p.add_argument("--max-wait-ms", type=nonnegative, default=d.max_wait_ms, metavar="MS",
+                   help="how long the oldest request waits for others to batch with")
+    p.add_argument("--max-queue", type=positive_int, default=d.max_queue, metavar="Q", help="requests waiting before 503 + Retry-After")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY on every route but /health (default: $SDTRT_API_KEY)")
+    p.add_argument("--lora-dir", type=folder, help="folder that <lora:NAME:SCALE> tags load NAME.safetensors from (nothing else is read)")
+    p.add_argument("--max-steps", type=positive_int, default=lim.max_steps, help="largest steps per request")
+    p.add_argument("--max-size", type=pixels, default=lim.max_size, metavar="PX", help="largest width / height")
+    p.add_argument("--max-images", type=positive_int, default=lim.max_images, help="most images per request (A1111: batch_size x n_iter)")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=lim.max_prompt_tokens, help="most CLIP tokens per prompt")
+    p.add_argument("--max-body-mb", type=nonnegative, default=lim.max_body_mb, help="largest request body in MiB")
+    p.add_argument("--timeout", type=nonnegative, default=lim.timeout, metavar="S", help="seconds per request, queueing included (504 past it)")
+    p.add_argument("--drain-seconds", type=nonnegative, default=d.drain_seconds, metavar="S",
+                   help="on SIGTERM, how long in-flight requests may take to finish")
+    p.add_argument("--model-name", help="name in /sdapi/v1/sd-models and the images' parameters (default: the folder's name)")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (a local Ray cluster, or $RAY_ADDRESS)")
+    p.add_argument("--replicas", type=positive_int, default=1, help="--ray: copies of the model, requests routed by Ray")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(a: argparse.Namespace) -> None:
+    import os
+
+    from .artifacts import open_model_dir
+    from .default_model import default_onnx_dir
+    from .errors import require
+
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        require(module, "serve", "sdtrt serve")
+    from .serve.service import Limits, Settings
+
+    model = a.model_dir or default_onnx_dir(log=lambda m: print(m, file=sys.stderr))
+    open_model_dir(model)  # a wrong folder fails here, in one line, before the server starts
+    key = a.api_key or os.environ.get("SDTRT_API_KEY") or None
+    if a.host not in ("127.0.0.1", "localhost", "::1") and key is None:
+        print(f"sdtrt serve: warning: listening on {a.host} without an API key (--api-key / SDTRT_API_KEY)", file=sys.stderr)
+    settings = Settings(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue, api_key=key,
+                        lora_dir=a.lora_dir, drain_seconds=a.drain_seconds, model_name=a.model_name or (Path(model).resolve().name if a.model_dir else "sdtrt-tiny-demo"),
+                        limits=Limits(max_steps=a.max_steps, max_size=a.max_size, max_images=a.max_images,
+                                      max_prompt_tokens=a.max_prompt_tokens, max_body_mb=a.max_body_mb, timeout=a.timeout))
+    options = {"threads": a.threads} if a.backend != "tensorrt" and a.threads else {}
+    if a.device:
+        options["device"] = a.device
+    if a.ray:
+        from .serve.ray_app import run
+
+        require("ray", "serve", "sdtrt serve --ray")
+        run(model, a.backend, options, settings, host=a.host, port=a.port, replicas=a.replicas)
+        return
+    from .runtime.pipeline import Pipeline
+    from .serve.server import serve
+    from .serve.service import Service
+
+    service = Service(lambda: Pipeline.load(model, backend=a.backend, **options), settings)
+    print(f"sdtrt serve: {model} on http://{a.host}:{a.port} (max batch {a.max_batch}, wait {a.max_wait_ms:g} ms, "
+          f"queue {a.max_queue}{', API key required' if key else ''})", file=sys.stderr)
+    serve(service, a.host, a.port, log_level=a.log_level)
+    print("sdtrt serve: stopped", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdtrt", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sdtrt {__version__}")
@@ -755,6 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _inspect_parser(sub)
     _bench_parser(sub)
+    _serve_parser(sub)
     return parser
 
 

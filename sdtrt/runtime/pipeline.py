@@ -19,12 +19,13 @@ import torch
 from ..artifacts import ModelDir, open_model_dir
 from ..errors import OutOfMemory, SdtrtError
 from ..models.spec import VAE_FACTOR
-from . import backends, latents as start, schedulers
+from . import backends, latents as start, schedulers, vae
 from .adapters import Adapters
 from .denoise import CallbackHook, CancelHook, ProgressHook, Step, StepHook, denoise
 from .images import to_pil
 from .noise import randn
 from .request import InvalidRequest, Request
+from .text.factory import load_tokenizer
 from .text.tokenizer import CLIPTokenizer
 
 REQUEST_FIELDS = {f.name for f in dataclasses.fields(Request)}
@@ -124,7 +125,7 @@ class Pipeline:
         self.device = backend.device
         self.family = model.family
         self.config = model.meta.config
-        self.tokenizers = {e: CLIPTokenizer.from_dir(model.tokenizer_dir(e)) for e in model.meta.tokenizers}
+        self.tokenizers = {e: load_tokenizer(model.tokenizer_dir(e)) for e in model.meta.tokenizers}  # CLIP BPE or WordPiece
         self.adapters = Adapters(model, backend, self.tokenizers)
         self.default_scheduler = schedulers.resolve(model.meta.scheduler_config.get("_class_name", "PNDMScheduler"))
         self._local = threading.local()  # the request being run on this thread, for error messages
@@ -225,7 +226,8 @@ class Pipeline:
         if request.output_type != "latent":
             t0 = clock.now()
             z = self.family.unscale_latents(self.config, latents).to(self.backend.input_dtype("vae_decoder", "latent"))
-            decoded = self._run("vae_decoder", {"latent": z})["images"]
+            tiles = vae.Tiles.from_config(self.config["vae"]) if request.vae_tiling else None
+            decoded = vae.decode(lambda t: self._run("vae_decoder", {"latent": t}), z, tiles, request.vae_slicing)
             self._check_finite("vae_decoder", decoded)
             if request.output_type == "pil":
                 images = to_pil(decoded)
@@ -285,11 +287,19 @@ class Pipeline:
         native = self.family.default_size(self.config)
         fits = e.largest_side(max(r.height, r.width))
         hint = f"at most about {fits}x{fits} fits here" if fits else "a smaller size fits"
+        fix, cli_fix = ("smaller height/width, or fewer prompts/num_images_per_prompt per call",
+                        "a smaller --height/--width, or fewer prompts / --num-images per call")
+        vae_option = None
+        if e.component in ("vae_decoder", "vae_encoder"):  # the VAE alone: tiles (or slices) bound its memory
+            if not r.vae_tiling:
+                vae_option = ("vae_tiling=True", "--vae-tiling", "the VAE then runs in tiles, in the memory of one tile")
+            elif r.batch > 1 and not r.vae_slicing:
+                vae_option = ("vae_slicing=True", "--vae-slicing", "the VAE then runs one image at a time")
+        if vae_option:
+            fix, cli_fix = f"{vae_option[0]} ({vae_option[2]}), or {fix}", f"{vae_option[1]} ({vae_option[2]}), or {cli_fix}"
         return OutOfMemory(e.component,
                            f"the {e.component} ran out of memory at {r.width}x{r.height} with {r.batch} image(s) per call "
-                           f"(the model's native size is {native[1]}x{native[0]}; {hint}).",
-                           "pass smaller height/width, or fewer prompts/num_images_per_prompt per call",
-                           cli_fix="pass a smaller --height/--width, or fewer prompts / --num-images per call")
+                           f"(the model's native size is {native[1]}x{native[0]}; {hint}).", f"pass {fix}", cli_fix=f"pass {cli_fix}")
 
     def _inputs(self, request: Request):
         """Load image and mask; resolve height/width (the image's, or the model's native size) and strength."""
@@ -400,6 +410,8 @@ class Pipeline:
             return job.latents, [job.hook]
         if init.shape[1] == shape[1]:  # latents given
             return start.img2img(init, shape, sched, generator, self.device, add_noise=r.denoising_start is None), []
+        if isinstance(generator, (list, tuple)) and len(generator) > 1:
+            init = start.repeat_to(init, shape[0])  # diffusers' img2img encodes the image once per generator
         return start.img2img(self._encode(init, generator), shape, sched, generator, self.device,
                              add_noise=r.denoising_start is None), []
 
@@ -409,8 +421,10 @@ class Pipeline:
         x = images.to(device=self.device, dtype=self.backend.input_dtype("vae_encoder", "images"))
         if isinstance(generator, (list, tuple)) and len(generator) > 1:
             return torch.cat([self._encode(x[i : i + 1], g) for i, g in enumerate(generator[: x.shape[0]])])
-        out = self._run("vae_encoder", {"images": x})
-        mean, std = out["latent_mean"].float(), out["latent_std"].float()
+        r = self._local.request
+        tiles = vae.Tiles.from_config(self.config["vae"]) if r.vae_tiling else None
+        mean, std = vae.encode(lambda t: self._run("vae_encoder", {"images": t}), x, tiles, r.vae_slicing)
+        mean, std = mean.float(), std.float()
         return self.family.scale_latents(self.config, mean + std * randn(mean.shape, generator, self.device, torch.float32))
 
     def _parameters(self, r: Request, sched) -> list[dict[str, Any]]:

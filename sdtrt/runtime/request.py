@@ -83,6 +83,9 @@ class Request:
     control_guidance_start: float | Sequence[float] = 0.0  # fraction of the steps before a ControlNet starts
     control_guidance_end: float | Sequence[float] = 1.0  # fraction of the steps after which it stops
     guess_mode: bool = False  # ControlNet on the conditional half only, residuals ramped 0.1 -> 1 (diffusers)
+    # VAE memory (diffusers' vae.enable_tiling() / enable_slicing(); images equal diffusers' with the same switches)
+    vae_tiling: bool = False  # decode (and encode) in overlapping, blended tiles: memory bounded by the tile, not the image
+    vae_slicing: bool = False  # run the VAE one image at a time
 
     # --- views ---------------------------------------------------------------------------------
 
@@ -193,6 +196,9 @@ class Request:
         if self.denoising_start is not None and self.denoising_end is not None and self.denoising_start >= self.denoising_end:
             raise InvalidRequest("denoising_start", self.denoising_start, f"is not below denoising_end={self.denoising_end}", 0.8)
         self._check_controlnet()
+        for name in ("vae_tiling", "vae_slicing"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(name, getattr(self, name), "is not True or False", True)
         if not isinstance(self.scheduler_options, Mapping):
             raise InvalidRequest("scheduler_options", self.scheduler_options, "is not a mapping of config fields", {"timestep_spacing": "trailing"})
         for key, v in self.scheduler_options.items():

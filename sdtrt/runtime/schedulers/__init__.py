@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from ...errors import SdtrtError
 from .base import Scheduler
-from .common import config_from
+from .common import THRESHOLDING_FIELDS, ThresholdingConfig, config_from
 from .ddim import DDIM
 from .dpmpp_2m import DPMSolverPP
 from .euler import Euler
@@ -88,8 +88,28 @@ def make(name: str, config: Mapping[str, Any] | None = None, **overrides: Any) -
     """A scheduler configured from a model's scheduler_config.json (`config`) plus overrides."""
     key = resolve(name)
     cls, implied = SCHEDULERS[key]
+    _refuse_missing_thresholding(key, cls, overrides)
     cfg = config_from(cls.Config, config or {}, {**implied, **overrides}, key)
     return cls(cfg)
+
+
+def with_thresholding() -> list[str]:
+    """The schedulers that have dynamic thresholding (as their diffusers classes do)."""
+    return [k for k, (cls, _) in SCHEDULERS.items() if issubclass(cls.Config, ThresholdingConfig)]
+
+
+def _refuse_missing_thresholding(key: str, cls: type[Scheduler], overrides: Mapping[str, Any]) -> None:
+    """Thresholding options asked of a scheduler whose diffusers class has none: say so, and which have it.
+    (A model's scheduler_config.json may carry them for any class; diffusers ignores them there, and so do we.)"""
+    asked = [k for k in THRESHOLDING_FIELDS if k in overrides]
+    if not asked or issubclass(cls.Config, ThresholdingConfig):
+        return
+    have = ", ".join(with_thresholding())
+    given = ", ".join(f"{k}={overrides[k]!r}" for k in asked)
+    raise SdtrtError(f"scheduler '{key}' has no dynamic thresholding ({given}): "
+                     f"diffusers' {diffusers_class_name(key)} has no such option.",
+                     f"use a scheduler that has it ({have}), or drop {', '.join(asked)}",
+                     cli_fix=f"pass --scheduler with one that has it ({have}), or drop --scheduler-option {asked[0]}")
 
 
 def diffusers_class_name(name: str) -> str:
@@ -104,4 +124,4 @@ def implied_overrides(name: str) -> dict[str, Any]:
     return dict(SCHEDULERS[resolve(name)][1])
 
 
-__all__ = ["Scheduler", "SCHEDULERS", "make", "resolve", "display_name", "diffusers_class_name", "implied_overrides"]
+__all__ = ["Scheduler", "SCHEDULERS", "make", "resolve", "display_name", "diffusers_class_name", "implied_overrides", "with_thresholding"]

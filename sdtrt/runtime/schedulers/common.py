@@ -34,6 +34,19 @@ class BaseConfig:
     steps_offset: int = 0
 
 
+@dataclasses.dataclass
+class ThresholdingConfig:
+    """Imagen's dynamic thresholding of the x0 estimate, with diffusers' field names and defaults (DDIM,
+    DPM-Solver++, UniPC and LCM have it; the others do not, in diffusers as here). diffusers calls it
+    unsuitable for latent-space models such as Stable Diffusion, whose latents are not bounded by 1."""
+
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995  # the quantile of |x0| taken as s, per image
+    sample_max_value: float = 1.0  # the largest s
+
+
+THRESHOLDING_FIELDS = tuple(f.name for f in dataclasses.fields(ThresholdingConfig))
+
 C = TypeVar("C", bound=BaseConfig)
 
 
@@ -52,7 +65,27 @@ def config_from(cls: type[C], config: Mapping[str, Any], overrides: Mapping[str,
                            ("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))):
         if getattr(cfg, field) not in allowed:
             raise SdtrtError(f"scheduler '{scheduler}': {field}={getattr(cfg, field)!r} is not supported.", f"use one of {', '.join(allowed)}")
+    if isinstance(cfg, ThresholdingConfig):
+        _check_thresholding(cfg, scheduler)
     return cfg
+
+
+def _check_thresholding(cfg: ThresholdingConfig, scheduler: str) -> None:
+    if not isinstance(cfg.thresholding, bool):
+        raise SdtrtError(f"scheduler '{scheduler}': thresholding={cfg.thresholding!r} is not true or false.", "pass thresholding=True")
+    if not cfg.thresholding:
+        return  # the other two fields are unused, as in diffusers
+    ratio, top = cfg.dynamic_thresholding_ratio, cfg.sample_max_value
+    if not _finite(ratio) or not 0 <= ratio <= 1:
+        raise SdtrtError(f"scheduler '{scheduler}': dynamic_thresholding_ratio={ratio!r} is not a quantile in [0, 1].",
+                         "pass dynamic_thresholding_ratio=0.995 (diffusers' default)")
+    if not _finite(top) or top <= 0:
+        raise SdtrtError(f"scheduler '{scheduler}': sample_max_value={top!r} is not a positive number.",
+                         "pass sample_max_value=1.0 (diffusers' default; Imagen's x0 lives in [-1, 1])")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # --- the training noise schedule -----------------------------------------------------------------
@@ -185,6 +218,21 @@ def prediction_to_x0_eps(prediction_type: str, model_output: torch.Tensor, sampl
                          alpha_prod_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x0_and_eps for an alpha_bar_t given directly."""
     return x0_and_eps(prediction_type, model_output, sample, alpha_prod_t**0.5, (1 - alpha_prod_t) ** 0.5)
+
+
+def dynamically_thresholded(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al., 2022, "Photorealistic Text-to-Image Diffusion Models
+    with Deep Language Understanding", sec. 2.3): per image, s = the `ratio` quantile of |x0|, clamped to
+    [1, max_value]; x0 is clipped to [-s, s] and divided by s. With s = 1 it is plain clipping to [-1, 1].
+
+    The quantile is taken in float32 (or float64) over each image's C*H*W values, as diffusers does.
+    """
+    dtype, shape = x0.dtype, x0.shape
+    flat = x0.reshape(shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(shape).to(dtype)
 
 
 def refuse(name: str, what: str, fix: str) -> SdtrtError:

@@ -16,17 +16,17 @@ import torch
 
 from ..noise import randn
 from .base import Scheduler
-from .common import F64, BaseConfig, alphas_cumprod, arange_down, linspace, noised_by_alpha, refuse, x0_and_eps
+from .common import (F64, BaseConfig, ThresholdingConfig, alphas_cumprod, arange_down, dynamically_thresholded, linspace,
+                     noised_by_alpha, x0_and_eps)
 
 
 @dataclasses.dataclass
-class Config(BaseConfig):
+class Config(ThresholdingConfig, BaseConfig):
     timestep_spacing: str = "leading"
-    clip_sample: bool = True
+    clip_sample: bool = True  # ignored when thresholding is on (diffusers: thresholding first)
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
     rescale_betas_zero_snr: bool = False
-    thresholding: bool = False
     eta: float = 0.0  # 0: deterministic DDIM; 1: DDPM-like. diffusers passes it to step(); here it is config.
 
 
@@ -54,8 +54,6 @@ class DDIM(Scheduler):
 
     def __init__(self, config: Config):
         super().__init__(config)
-        if config.thresholding:
-            raise refuse(self.name, "thresholding (pixel-space models)", "set thresholding=False")
         self.alphas_cumprod = alphas_cumprod(config, config.rescale_betas_zero_snr)
         self.final_alpha_cumprod = torch.tensor(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
         self.stochastic = config.eta > 0
@@ -80,7 +78,9 @@ class DDIM(Scheduler):
     def step(self, model_output, timestep, sample, generator=None):
         cfg, c = self.config, self.plan[self.step_index]
         x0, eps = x0_and_eps(cfg.prediction_type, model_output, sample, c.sqrt_a, c.sqrt_b)
-        if cfg.clip_sample:
+        if cfg.thresholding:
+            x0 = dynamically_thresholded(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        elif cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         prev = c.x0 * x0 + c.eps * eps
         if cfg.eta > 0:

@@ -16,12 +16,12 @@ import torch
 
 from ..noise import randn
 from .base import Scheduler
-from .common import (F32, F64, BaseConfig, alphas_cumprod_for_sigmas, arange_down, interp, karras_sigmas, linspace,
-                     refuse, sigma_to_t, train_sigmas)
+from .common import (F32, F64, BaseConfig, ThresholdingConfig, alphas_cumprod_for_sigmas, arange_down, dynamically_thresholded,
+                     interp, karras_sigmas, linspace, refuse, sigma_to_t, train_sigmas)
 
 
 @dataclasses.dataclass
-class Config(BaseConfig):
+class Config(ThresholdingConfig, BaseConfig):
     solver_order: int = 2
     algorithm_type: str = "dpmsolver++"  # or sde-dpmsolver++
     solver_type: str = "midpoint"  # or heun
@@ -31,7 +31,6 @@ class Config(BaseConfig):
     final_sigmas_type: str = "zero"  # zero | sigma_min
     lambda_min_clipped: float = -float("inf")
     rescale_betas_zero_snr: bool = False
-    thresholding: bool = False
     variance_type: str | None = None
 
 
@@ -87,8 +86,8 @@ class DPMSolverPP(Scheduler):
             raise refuse(self.name, f"solver_order={config.solver_order}", "use solver_order 1 or 2")
         if config.solver_type not in ("midpoint", "heun"):
             raise refuse(self.name, f"solver_type={config.solver_type}", "use midpoint or heun")
-        if config.thresholding or config.variance_type:
-            raise refuse(self.name, "thresholding / learned variance", "set thresholding=False, variance_type=None")
+        if config.variance_type:
+            raise refuse(self.name, f"variance_type={config.variance_type} (learned variance)", "set variance_type=None")
         self.alphas_cumprod = alphas_cumprod_for_sigmas(config, config.rescale_betas_zero_snr)
         self.stochastic = config.algorithm_type == "sde-dpmsolver++"
         self.sigmas = torch.empty(0)
@@ -138,12 +137,16 @@ class DPMSolverPP(Scheduler):
         return Coefficients(alpha_s0, sigma_s0, c_x, c_d0, c_z, *second)
 
     def _x0(self, model_output, sample, c: Coefficients):
-        p = self.config.prediction_type
-        if p == "epsilon":
-            return (sample - c.s_vp * model_output) / c.alpha
-        if p == "v_prediction":
-            return c.alpha * sample - c.s_vp * model_output
-        return model_output
+        cfg = self.config
+        if cfg.prediction_type == "epsilon":
+            x0 = (sample - c.s_vp * model_output) / c.alpha
+        elif cfg.prediction_type == "v_prediction":
+            x0 = c.alpha * sample - c.s_vp * model_output
+        else:
+            x0 = model_output
+        if cfg.thresholding:
+            x0 = dynamically_thresholded(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        return x0
 
     def step(self, model_output, timestep, sample, generator=None):
         cfg, i, n = self.config, self.step_index, len(self.timesteps)

@@ -14,17 +14,18 @@ import torch
 from ...errors import SdtrtError
 from ..noise import randn
 from .base import Scheduler
-from .common import BaseConfig, alphas_cumprod, linspace_open, noised_by_alpha, prediction_to_x0_eps
+from .common import (BaseConfig, ThresholdingConfig, alphas_cumprod, dynamically_thresholded, linspace_open, noised_by_alpha,
+                     prediction_to_x0_eps)
 
 
 @dataclasses.dataclass
-class Config(BaseConfig):
+class Config(ThresholdingConfig, BaseConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     timestep_spacing: str = "leading"
     original_inference_steps: int = 50
-    clip_sample: bool = False
+    clip_sample: bool = False  # ignored when thresholding is on (diffusers: thresholding first)
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
     timestep_scaling: float = 10.0
@@ -69,7 +70,9 @@ class LCM(Scheduler):
             x0 = (sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt()
         else:
             x0, _ = prediction_to_x0_eps(cfg.prediction_type, model_output, sample, a_t)
-        if cfg.clip_sample:
+        if cfg.thresholding:
+            x0 = dynamically_thresholded(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        elif cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         denoised = c_out * x0 + c_skip * sample
         self.step_index += 1

@@ -13,13 +13,13 @@ import dataclasses
 import torch
 
 from .base import Scheduler
-from .common import (F32, BaseConfig, alphas_cumprod_for_sigmas, interp, karras_sigmas, refuse, sigma_to_t,
-                     train_sigmas)
+from .common import (F32, BaseConfig, ThresholdingConfig, alphas_cumprod_for_sigmas, dynamically_thresholded, interp,
+                     karras_sigmas, refuse, sigma_to_t, train_sigmas)
 from .dpmpp_2m import alpha_sigma, log_snr, multistep_timesteps
 
 
 @dataclasses.dataclass
-class Config(BaseConfig):
+class Config(ThresholdingConfig, BaseConfig):
     solver_order: int = 2
     predict_x0: bool = True
     solver_type: str = "bh2"  # or bh1
@@ -30,7 +30,6 @@ class Config(BaseConfig):
     sigma_max: float | None = None
     final_sigmas_type: str = "zero"
     rescale_betas_zero_snr: bool = False
-    thresholding: bool = False
 
 
 class UniPC(Scheduler):
@@ -41,8 +40,8 @@ class UniPC(Scheduler):
         super().__init__(config)
         if config.solver_type not in ("bh1", "bh2"):
             raise refuse(self.name, f"solver_type={config.solver_type}", "use bh2 (or bh1)")
-        if not config.predict_x0 or config.thresholding:
-            raise refuse(self.name, "predict_x0=False or thresholding", "use predict_x0=True, thresholding=False")
+        if not config.predict_x0:
+            raise refuse(self.name, "predict_x0=False (noise prediction)", "use predict_x0=True")
         self.alphas_cumprod = alphas_cumprod_for_sigmas(config, config.rescale_betas_zero_snr)
         self.sigmas = torch.empty(0)
 
@@ -70,12 +69,16 @@ class UniPC(Scheduler):
 
     def _x0(self, model_output, sample):
         alpha, s = alpha_sigma(self.sigmas[self.step_index])
-        p = self.config.prediction_type
-        if p == "epsilon":
-            return (sample - s * model_output) / alpha
-        if p == "v_prediction":
-            return alpha * sample - s * model_output
-        return model_output
+        cfg = self.config
+        if cfg.prediction_type == "epsilon":
+            x0 = (sample - s * model_output) / alpha
+        elif cfg.prediction_type == "v_prediction":
+            x0 = alpha * sample - s * model_output
+        else:
+            x0 = model_output
+        if cfg.thresholding:
+            x0 = dynamically_thresholded(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        return x0
 
     def _coefficients(self, h, rks: list[torch.Tensor], order: int):
         """(h_phi_1, B(h), R, b) of eq. 9-10 for hh = -h (data prediction)."""
