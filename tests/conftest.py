@@ -110,3 +110,19 @@ def tiny_controlnet_onnx(tiny_model, tiny_controlnets, tmp_path_factory) -> Path
     return export_model(tiny_model, tmp_path_factory.mktemp("onnx") / "controlnet",
                         components=["text_encoder", "unet", "vae_decoder", "vae_encoder", "controlnet_edges", "controlnet_depth"],
                         controlnets=[(p, p.name) for p in tiny_controlnets], show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_taiyi_model(tmp_path_factory) -> Path:
+    from sdtrt.models.presets import make_model
+
+    return make_model("tiny-taiyi", tmp_path_factory.mktemp("models") / "tiny-taiyi", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_taiyi_onnx(tiny_taiyi_model, tmp_path_factory) -> Path:
+    """fp32 export of the BERT text encoder, the UNet (512-token text axis) and both VAE halves, validated."""
+    from sdtrt.export import export_model
+
+    return export_model(tiny_taiyi_model, tmp_path_factory.mktemp("onnx") / "taiyi",
+                        components=["text_encoder", "unet", "vae_decoder", "vae_encoder"], show_progress=False)

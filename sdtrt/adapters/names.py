@@ -40,6 +40,9 @@ def weights_for(config: Mapping[str, Any]) -> dict[str, dict[str, tuple[int, ...
             modules["unet"] = diffusers.UNet2DConditionModel.from_config(dict(config["unet"]))
         for name in TEXT_ENCODERS:
             if config.get(name) is not None:
+                if "BertModel" in (config[name].get("architectures") or []):  # Taiyi's text encoder
+                    modules[name] = transformers.BertModel(transformers.BertConfig.from_dict(dict(config[name])))
+                    continue
                 cls = transformers.CLIPTextModelWithProjection if has_projection(name, config[name]) else transformers.CLIPTextModel
                 modules[name] = cls(transformers.CLIPTextConfig.from_dict(dict(config[name])))
     return {component: {f"{name}.weight": tuple(m.weight.shape) for name, m in module.named_modules()

@@ -15,6 +15,7 @@ from ..models import families
 from ..models.families import Family
 from ..models.families.base import read_json
 from ..models.spec import ComponentSpec
+from ..runtime.text.factory import tokenizer_kind
 
 SAFE_SUFFIX = ".safetensors"
 MAKE_ONE = "`sdtrt make-model --preset tiny --out DIR` makes one"
@@ -68,9 +69,7 @@ def inspect_source(model_dir: Path, allow_pickle: bool = False) -> SourceModel:
         family, index = families.detect(model_dir)
         config = family.read_config(model_dir, index)
         for encoder in family.present_text_encoders(config):
-            tok = model_dir / family.tokenizer_folder(encoder)
-            if not (tok / "vocab.json").is_file() or not (tok / "merges.txt").is_file():
-                raise SdtrtError(f"{tok} lacks vocab.json/merges.txt (the CLIP tokenizer files).", "use a complete diffusers folder")
+            tokenizer_kind(model_dir / family.tokenizer_folder(encoder))  # CLIP BPE or WordPiece files, else refused
         files: list[Path] = []
         any_pickle = False
         for part in family.weight_folders(config):

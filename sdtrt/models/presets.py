@@ -48,9 +48,11 @@ _SD_PIPELINE = {"safety_checker": None, "feature_extractor": None, "requires_saf
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoder:
-    config: dict[str, Any]  # transformers CLIPTextConfig
+    config: dict[str, Any]  # transformers CLIPTextConfig (BertConfig for kind "bert")
     pad_token: str  # OpenAI CLIP (SD 1.x, SDXL's first) pads with <|endoftext|>; OpenCLIP (SD 2.x, SDXL's second) with "!" (id 0)
     projection: bool = False  # CLIPTextModelWithProjection: SDXL's second encoder, whose pooled output conditions the UNet
+    kind: str = "clip"  # "bert": BertModel + BertTokenizer (Taiyi), vocab_size from the built vocabulary
+    tokenizer: dict[str, Any] = dataclasses.field(default_factory=dict)  # BertTokenizer settings (tokenizer_config.json)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +141,32 @@ _CLIP_BIG_G = {  # OpenCLIP ViT-bigG/14's text tower: SDXL's second encoder (wit
     "hidden_act": "gelu",
 }
 
+# IDEA-CCNL/Taiyi-Stable-Diffusion-1B-Chinese-v0.1 text_encoder/config.json has the keys of a Chinese BERT-base
+# (Taiyi-CLIP-RoBERTa-102M: 768 wide, 12 layers, 512 positions, WordPiece vocabulary of 21128); this is that
+# config at toy size. Its tokenizer (BertTokenizer) lower-cases and pads prompts to model_max_length = 512.
+_TINY_BERT = {
+    "architectures": ["BertModel"],
+    "attention_probs_dropout_prob": 0.1,
+    "directionality": "bidi",
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 32,
+    "initializer_range": 0.02,
+    "intermediate_size": 37,
+    "layer_norm_eps": 1e-12,
+    "max_position_embeddings": 512,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "pad_token_id": 0,
+    "pooler_fc_size": 768,
+    "pooler_num_attention_heads": 12,
+    "pooler_num_fc_layers": 3,
+    "pooler_size_per_head": 128,
+    "pooler_type": "first_token_transform",
+    "type_vocab_size": 2,
+}
+_TAIYI_TOKENIZER = {"do_lower_case": True, "model_max_length": 512, "tokenize_chinese_chars": True, "strip_accents": None}
+
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
 _SDXL_SCHEDULER = {**_SD_SCHEDULER, "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False,
                    "sample_max_value": 1.0, "prediction_type": "epsilon"}
@@ -197,6 +225,16 @@ PRESETS: dict[str, Preset] = {
             unet=_tiny_unet(in_channels=9),
             vae=_TINY_VAE,
             text_encoders={"text_encoder": TextEncoder(_tiny_text("quick_gelu"), "<|endoftext|>")},
+            scheduler_class="PNDMScheduler",
+            scheduler=_SD_SCHEDULER,
+        ),
+        Preset(
+            name="tiny-taiyi",
+            description="Taiyi-shaped toy model: SD1.x UNet/VAE, Chinese BERT text encoder + WordPiece tokenizer (512 tokens)",
+            pipeline_class="StableDiffusionPipeline",
+            unet=_tiny_unet(),
+            vae=_TINY_VAE,
+            text_encoders={"text_encoder": TextEncoder(_TINY_BERT, "[PAD]", kind="bert", tokenizer=_TAIYI_TOKENIZER)},
             scheduler_class="PNDMScheduler",
             scheduler=_SD_SCHEDULER,
         ),
@@ -390,6 +428,60 @@ def write_tokenizer(folder: Path, pad_token: str) -> None:
     tok.save_pretrained(str(folder))
 
 
+# --- the Chinese WordPiece vocabulary (Taiyi's tokenizer) ---------------------------------------------
+
+# Word pieces a prompt vocabulary has (bert-base-chinese keeps ~2,000 English words and pieces like these)
+_ENGLISH_WORDS = (
+    "the a an of and in on at with by for to from is are style art painting photo portrait landscape city night "
+    "cat dog fox bird flower tree river mountain sea sky sun moon girl boy man woman house street car anime "
+    "watercolor oil ink sketch digital high quality detailed realistic beautiful masterpiece best van gogh "
+    "monet ukiyo cyberpunk fantasy 4k 8k hd uhd"
+).split()
+_ENGLISH_PIECES = "##s ##es ##ed ##ing ##er ##est ##ly ##ion ##tion ##al ##ic ##ful ##ness ##ment ##ist ##ous".split()
+
+
+def _chars(*ranges: tuple[int, int]) -> list[str]:
+    return [chr(c) for lo, hi in ranges for c in range(lo, hi + 1)]
+
+
+def chinese_wordpiece_vocab() -> list[str]:
+    """A vocabulary laid out like bert-base-chinese's vocab.txt (no Chinese vocabulary ships in any package
+    reachable here, so it is built): [PAD], [unused1..99], [UNK] [CLS] [SEP] [MASK] <S> <T> (ids 0-105), then
+    single characters - ASCII punctuation, digits and lower-case letters, Latin-1, Greek, Cyrillic, CJK and
+    general punctuation, kana, Hangul jamo and syllables, full-width forms (lower-case), a few emoji - then
+    every CJK Unified Ideograph U+4E00..U+9FFF, part of extensions A and B and the compatibility block,
+    English words, and '##' continuations (of every character that can continue a word: letters, digits,
+    kana, jamo, full-width forms, plus English suffixes). Ids differ from the real one; the structure
+    (specials, unused rows, one token per CJK character, '##' pieces, [UNK] for the rest) is the same."""
+    tokens = ["[PAD]", *(f"[unused{i}]" for i in range(1, 100)), "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<S>", "<T>"]
+    ascii_chars = [c for c in _chars((0x21, 0x7E)) if not c.isupper()]
+    latin = [c for c in _chars((0xA1, 0xFF)) if not c.isupper() and c != "\xad"]
+    greek_cyrillic = _chars((0x3B1, 0x3C9), (0x430, 0x44F))
+    punctuation = _chars((0x2013, 0x2014), (0x2018, 0x2019), (0x201C, 0x201D), (0x2026, 0x2026), (0x2027, 0x2027), (0x203B, 0x203B),
+                         (0x3001, 0x3003), (0x3007, 0x3011), (0x3014, 0x3017), (0x30FB, 0x30FC))
+    kana = _chars((0x3041, 0x3096), (0x30A1, 0x30FA))
+    hangul = _chars((0x1100, 0x1112), (0x1161, 0x1175), (0x11A8, 0x11C2), (0x3131, 0x318E)) + list("한국어서울")
+    fullwidth = [c for c in _chars((0xFF01, 0xFF5E)) if not c.isupper()]
+    emoji = list("😀😂😊😍🔥👍❤🚀🌸🐱")
+    cjk = _chars((0x4E00, 0x9FFF), (0x3400, 0x34FF), (0x20000, 0x200FF), (0xF900, 0xF9FF))
+    singles = ascii_chars + latin + greek_cyrillic + punctuation + kana + hangul + fullwidth + emoji + cjk
+    continuing = [c for c in ascii_chars + latin + greek_cyrillic + kana + hangul + fullwidth if c.isalnum()]
+    pieces = ["##" + c for c in continuing]
+    tokens += singles + [w for w in _ENGLISH_WORDS if w not in singles] + [p for p in _ENGLISH_PIECES if p not in pieces] + pieces
+    assert len(tokens) == len(set(tokens)), "a vocabulary entry is repeated"
+    return tokens
+
+
+def write_bert_tokenizer(folder: Path, settings: dict[str, Any]) -> None:
+    """tokenizer/ as Taiyi's checkpoint has it (vocab.txt, tokenizer_config.json, special_tokens_map.json),
+    saved by transformers' own BertTokenizer."""
+    transformers = require("transformers", "export", "make-model")
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(chinese_wordpiece_vocab()) + "\n", encoding="utf-8")
+    tok = transformers.BertTokenizer(str(folder / "vocab.txt"), **settings)
+    tok.save_pretrained(str(folder))
+
+
 # --- building the folder -------------------------------------------------------------------------
 
 
@@ -407,6 +499,10 @@ def build_components(preset: Preset, seed: int, device: str = "cpu") -> dict[str
         parts["vae"] = diffusers.AutoencoderKL(**preset.vae).eval()
         for i, (name, enc) in enumerate(preset.text_encoders.items()):
             torch.manual_seed((seed + 2 + i) % 2**64)
+            if enc.kind == "bert":
+                config = transformers.BertConfig(**{**enc.config, "vocab_size": len(chinese_wordpiece_vocab())})
+                parts[name] = transformers.BertModel(config).eval()
+                continue
             cls = transformers.CLIPTextModelWithProjection if enc.projection else transformers.CLIPTextModel
             parts[name] = cls(transformers.CLIPTextConfig(**enc.config)).eval()
     # from_config keeps unknown keys in the saved config, as the real checkpoints have them
@@ -439,12 +535,17 @@ def make_model(preset_name: str, out: Path, seed: int = 0, force: bool = False) 
     preset = get_preset(preset_name)
     diffusers = require("diffusers", "export", "make-model")
     transformers = require("transformers", "export", "make-model")
-    clip_bpe_path()  # fail before any slow work if the vocabulary is missing
+    if any(enc.kind == "clip" for enc in preset.text_encoders.values()):
+        clip_bpe_path()  # fail before any slow work if the vocabulary is missing
     out = Path(out)
     with atomic_dir(out, force) as tmp:
         parts = build_components(preset, seed)
         for name, enc in preset.text_encoders.items():
             folder = name.replace("text_encoder", "tokenizer")
+            if enc.kind == "bert":
+                write_bert_tokenizer(tmp / folder, enc.tokenizer)
+                parts[folder] = transformers.BertTokenizer.from_pretrained(str(tmp / folder))
+                continue
             write_tokenizer(tmp / folder, enc.pad_token)
             parts[folder] = transformers.CLIPTokenizer.from_pretrained(str(tmp / folder))
         pipe = getattr(diffusers, preset.pipeline_class)(**parts, **preset.pipeline)

@@ -123,10 +123,17 @@ class Adapters:
             raise SdtrtError(f"{Path(path).name} needs {len(ids)} embedding rows, but only {self._rows() - first} of this "
                              f"export's {self.model.meta.embedding_slots} reserved rows are free.",
                              "re-export with more rows: sdtrt export MODEL --out DIR --embedding-slots N")
-        self.embeddings[emb.token] = (emb, ids)
+        # tokenizers first: one that cannot take embeddings (WordPiece) refuses before anything is recorded
         for tok in self.tokenizers.values():
             tok.add_tokens({t: i for t, i in zip(emb.tokens, ids)}, expand={emb.token: ids})
-        self._apply()
+        self.embeddings[emb.token] = (emb, ids)
+        try:
+            self._apply()
+        except BaseException:  # leave no half-loaded embedding behind (a later set_loras would trip on it)
+            del self.embeddings[emb.token]
+            for tok in self.tokenizers.values():
+                tok.remove_tokens(emb.tokens, emb.token)
+            raise
         return emb.tokens
 
     # --- the weights those imply -------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Model families, detected from model_index.json's `_class_name` (never from weights or activations).
+"""Model families, detected from model_index.json (never from weights or activations): its `_class_name`, and
+where families share a pipeline class, the classes it names (Taiyi = StableDiffusionPipeline + BertModel).
 
 Adding a family: a file here (config reader, components, conditioning), its entry in FAMILIES,
 a preset in `sdtrt.models.presets`, and tests. Export, engines and the runtime read it from here.
@@ -13,8 +14,9 @@ from ...errors import SdtrtError
 from .base import Family, read_json
 from .sd import StableDiffusion
 from .sdxl import StableDiffusionXL
+from .taiyi import Taiyi
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), Taiyi())}
 
 _UNSUPPORTED_HINTS = {
     "StableDiffusion3": "Stable Diffusion 3",
@@ -49,7 +51,7 @@ def detect(folder: Path) -> tuple[Family, dict[str, Any]]:
     index = read_json(index_path)
     cls = str(index.get("_class_name", ""))
     for family in FAMILIES.values():
-        if cls in family.pipeline_classes:
+        if family.matches(index):
             return family, index
     named = next((v for k, v in _UNSUPPORTED_HINTS.items() if cls.startswith(k)), cls or "an unknown pipeline")
     raise SdtrtError(f"{folder} is a {named} model ({cls or 'no _class_name'}); sdtrt supports {supported()}.",

@@ -36,11 +36,22 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def text_encoder_class(index: Mapping[str, Any], encoder: str = "text_encoder") -> str | None:
+    """The class model_index.json names for a text encoder (["transformers", "BertModel"] -> "BertModel")."""
+    entry = index.get(encoder)
+    return str(entry[1]) if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None else None
+
+
 class Family:
     name: str = ""
     title: str = ""  # for messages: "Stable Diffusion 1.x/2.x"
     pipeline_classes: tuple[str, ...] = ()
     text_encoders: tuple[str, ...] = ()  # in the order diffusers runs them
+
+    def matches(self, index: Mapping[str, Any]) -> bool:
+        """Whether a folder with this model_index.json is of this family: by default its pipeline class
+        (families sharing a pipeline class also look at what else the index names, e.g. the text encoder)."""
+        return str(index.get("_class_name", "")) in self.pipeline_classes
 
     # --- export time --------------------------------------------------------------------------
 

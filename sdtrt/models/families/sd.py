@@ -17,7 +17,7 @@ from ...errors import SdtrtError
 from ...runtime.text.encode import embed
 from ..components import clip_text, unet, vae
 from ..spec import ComponentSpec
-from .base import Config, Family, read_json
+from .base import Config, Family, read_json, text_encoder_class
 
 
 class StableDiffusion(Family):
@@ -25,6 +25,9 @@ class StableDiffusion(Family):
     title = "Stable Diffusion 1.x/2.x"
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
     text_encoders = ("text_encoder",)
+
+    def matches(self, index: Mapping[str, Any]) -> bool:
+        return super().matches(index) and text_encoder_class(index) != "BertModel"  # BERT: the Taiyi family
 
     def read_config(self, folder: Path, index: Mapping[str, Any]) -> dict[str, Any]:
         unet_cfg = read_json(folder / "unet" / "config.json")

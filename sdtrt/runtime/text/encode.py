@@ -8,11 +8,11 @@ from typing import Protocol
 import torch
 
 from . import prompt_weights
-from .tokenizer import CLIPTokenizer
+from .factory import Tokenizer
 
 
 class TextEncoders(Protocol):
-    def tokenizer(self, component: str) -> CLIPTokenizer: ...
+    def tokenizer(self, component: str) -> Tokenizer: ...  # CLIP BPE or WordPiece (runtime/text/factory.py)
 
     def run(self, component: str, ids: torch.Tensor) -> dict[str, torch.Tensor]: ...
 

@@ -129,6 +129,14 @@ class CLIPTokenizer:
         self.expansions.update({k: tuple(v) for k, v in (expand or {}).items()})
         self._compile_added()
 
+    def remove_tokens(self, tokens: list[str], expanded: str | None = None) -> None:
+        """Undo add_tokens (an embedding whose weights could not be applied)."""
+        for content in tokens:
+            self.added.pop(content, None)
+        self.expansions.pop(expanded or "", None)
+        self._compile_added()
+        self._cache.clear()
+
     @classmethod
     def from_dir(cls, folder: Path | str) -> "CLIPTokenizer":
         folder = Path(folder)
