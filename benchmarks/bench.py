@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--controlnet", metavar="PRESET_OR_DIR",
                    help="also run a ControlNet (a diffusers ControlNet folder, or a preset such as sd15-controlnet, made and cached): "
                         "diffusers' ControlNet pipeline vs sdtrt, with the ControlNet's time per call (Optimum has no ControlNet pipeline)")
+    p.add_argument("--cold-start", type=int, default=0, metavar="N",
+                   help="also time N rounds of cold starts: fresh processes for diffusers and sdtrt, import / load / first image "
+                        "(sdtrt with and without its cached optimized graphs, and its very first start); see benchmarks/cold_start.py")
     p.add_argument("--work-dir", type=Path, help="where models, ONNX and engines are cached (default: $SDTRT_CACHE/bench)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench.json"), help="results JSON")
     p.add_argument("--plot", type=Path, help="per-stage bar chart PNG (default: next to --out)")
@@ -471,6 +474,8 @@ def run(a: argparse.Namespace, log=print) -> int:
               "weights_sha256": model.sha256, "weights_mb": round(model.weight_bytes / 2**20, 1), "systems": list(measured["systems"]),
               "controlnet": a.controlnet}
     doc = results_document(measured, config, report, load)
+    if a.cold_start:
+        doc["cold_start"] = cold_start(a, model, planned, device, work, log)
     write_json(doc, a.out)
     log(f"wrote {a.out}")
     log(f"wrote {write_chart(doc, checked.plot)}")
@@ -491,6 +496,24 @@ def run(a: argparse.Namespace, log=print) -> int:
         else:
             log(f"no stage regressed more than {a.max_regression} against {a.compare}")
     return status
+
+
+def cold_start(a: argparse.Namespace, model: Model, planned: list[Planned], device, work: Path, log) -> dict[str, Any]:
+    """Fresh processes for diffusers and the first sdtrt system, after the in-process measurement (whose
+    systems are unloaded by then, so the two do not share the machine's memory)."""
+    from . import cold_start as cs
+
+    ours = next((p for p in planned if p.name.startswith("sdtrt")), None)
+    if ours is None or not any(p.name == "diffusers" for p in planned):
+        log("--cold-start needs diffusers and sdtrt among --systems: skipping it")
+        return {}
+    if a.controlnet or a.batch != 1 or len(set(a.prompt or [])) > 1:
+        log("--cold-start times one plain text-to-image call (no ControlNet, batch 1)")
+    path = ours.load.args[0]
+    request = cs.request_for(a.steps, a.height, a.width, device.type, a.guidance_scale, a.seed)
+    doc = cs.measure(model.path, path, model.family.pipeline_classes[0], request, a.cold_start, work / "cold-start-cache", log)
+    log(cs.summary(doc))
+    return {"system": ours.name, **doc}
 
 
 def table(doc: dict[str, Any]) -> str:

@@ -11,6 +11,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Tests write their caches (default model, engines, ONNX Runtime's optimized graphs) in a folder of
+    their own, never the user's ~/.cache/sdtrt; subprocesses inherit it."""
+    if "SDTRT_CACHE" not in os.environ:
+        os.environ["SDTRT_CACHE"] = str(tmp_path_factory.mktemp("sdtrt-cache"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from sdtrt.models.presets import make_model

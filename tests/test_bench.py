@@ -317,3 +317,21 @@ def test_controlnet_benchmark_runs_diffusers_controlnet_pipeline_against_sdtrt(t
     assert doc["same_image"]["ok"] and doc["config"]["controlnet"] == "tiny-controlnet"
     for entry in doc["systems"].values():
         assert entry["summary"]["controlnet_per_call"]["median"] > 0
+
+
+def test_cold_start_times_fresh_processes_with_and_without_the_cached_graphs(tiny_model, tmp_path):
+    """--cold-start N: separate processes, import / load / first image, for diffusers and sdtrt (cached graphs,
+    no cache, and the first start that writes the cache); the first start really filled the cache."""
+    out = tmp_path / "cold.json"
+    work = tmp_path / "w"
+    assert bench([str(tiny_model), "--systems", "diffusers,sdtrt", "--work-dir", str(work), "--out", str(out), "--steps", "2",
+                  "--repeats", "1", "--warmup", "0", "--height", "64", "--width", "64", "--no-overhead", "--cold-start", "1"]) == 0
+    cold = json.loads(out.read_text())["cold_start"]
+    assert cold["system"] == "sdtrt-onnxruntime" and cold["rounds"] == 1
+    assert set(cold["median"]) == {"diffusers", "sdtrt", "sdtrt-no-cache", "sdtrt-first-start"}
+    for stages in cold["median"].values():
+        assert all(stages[k] > 0 for k in ("import", "load", "first_image"))
+        assert stages["total"] == pytest.approx(stages["import"] + stages["load"] + stages["first_image"], abs=0.01)
+    assert set(cold["over_diffusers"]) == {"sdtrt", "sdtrt-no-cache", "sdtrt-first-start"}
+    entries = list((work / "cold-start-cache" / "ort-optimized").iterdir())
+    assert len(entries) == 3  # text encoder, UNet, VAE decoder

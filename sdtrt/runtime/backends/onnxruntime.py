@@ -3,17 +3,25 @@
 Inputs are bound at their data_ptr and outputs are written into torch tensors allocated per call,
 so no tensor goes through numpy. InferenceSession.run is thread-safe and each call makes its own
 binding and outputs, so one backend serves concurrent pipeline calls.
+
+Start-up: the sessions txt2img needs (text encoders, UNet, VAE decoder) are created at load, in
+parallel; the rest (VAE encoder, ControlNets, ...) on first use. Each session's optimized graph is
+cached per machine (ort_cache.py), so a restarted process skips the graph optimization.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from ...artifacts import ModelDir
 from ...errors import OutOfMemory, SdtrtError, require
+from . import ort_cache
 from .base import TORCH_DTYPES
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -33,7 +41,8 @@ class OnnxRuntimeBackend:
 
     def __init__(self, model: ModelDir, device: str | torch.device | None = None, threads: int = 0,
                  inter_op_threads: int = 0, graph_optimization_level: str = "all", providers: list | None = None,
-                 components: set[str] | None = None, session_config: Mapping[str, str] | None = None):
+                 components: set[str] | None = None, session_config: Mapping[str, str] | None = None,
+                 optimized_cache: bool = True, lazy: bool = True):
         ort = require("onnxruntime", "onnxruntime", "the onnxruntime backend")
         self.model = model
         try:
@@ -58,11 +67,28 @@ class OnnxRuntimeBackend:
         self._dtypes: dict[str, dict[str, torch.dtype]] = {}
         self._session_args = (threads, inter_op_threads, graph_optimization_level, providers, dict(session_config or {}))
         self._weights: dict[str, tuple] = {}  # component -> the replaced initializers, kept alive for its session
-        wanted = components or set(model.files)
-        for name in sorted(wanted & set(model.files)):
-            self._sessions[name] = self._session(name, {})
+        self._optimized_cache = optimized_cache and graph_optimization_level != "disable"
+        self._lock = threading.Lock()  # guards creating a lazy session (two first calls make one session)
+        self._available = sorted((components or set(model.files)) & set(model.files))
+        for name in self._available:
             spec, precision = self._specs[name], model.dtype(name)
             self._dtypes[name] = {t.name: TORCH_DTYPES[t.concrete_dtype(precision)] for t in spec.inputs + spec.outputs}
+        config = model.meta.config
+        txt2img = {*model.family.present_text_encoders(config), "unet", "vae_decoder"}
+        eager = [n for n in self._available if not lazy or n in txt2img]
+        # in parallel: ONNX Runtime releases the GIL while it optimizes and loads
+        with ThreadPoolExecutor(max_workers=max(1, len(eager))) as pool:
+            for name, session in zip(eager, pool.map(lambda n: self._session(n, {}), eager)):
+                self._sessions[name] = session
+
+    def _session_for(self, name: str):
+        session = self._sessions.get(name)
+        if session is None:
+            with self._lock:
+                session = self._sessions.get(name)
+                if session is None:
+                    session = self._sessions[name] = self._session(name, {})
+        return session
 
     def _session(self, name: str, weights: Mapping[str, Any]):
         """An InferenceSession for one component; `weights` (initializer name -> OrtValue) replace the
@@ -79,11 +105,39 @@ class OnnxRuntimeBackend:
         opts.log_severity_level = 3
         for key, value in config.items():
             opts.add_session_config_entry(key, value)
+        path = self.model.root / self.model.files[name].path
+        providers = providers or self._providers()
         if weights:
             opts.add_external_initializers(list(weights), list(weights.values()))
-        path = self.model.root / self.model.files[name].path
+            return self._create(ort, path, opts, providers)
+        if not self._optimized_cache:
+            return self._create(ort, path, opts, providers)
+        provider = providers[0] if isinstance(providers[0], str) else providers[0][0]
         try:
-            return ort.InferenceSession(str(path), opts, providers=providers or self._providers())
+            cache_key = ort_cache.key(path, self.model.files[name].sha256, level, provider, config)
+        except OSError:  # the file is missing: _create says so, naming the fix
+            return self._create(ort, path, opts, providers)
+        optimized = ort_cache.cached(cache_key)
+        if optimized is not None:
+            fast = ort.SessionOptions()
+            fast.intra_op_num_threads, fast.inter_op_num_threads, fast.log_severity_level = threads, inter_op, 3
+            fast.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimized
+            for key, value in config.items():
+                fast.add_session_config_entry(key, value)
+            try:
+                return ort.InferenceSession(str(optimized), fast, providers=providers)
+            except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt below, never an error
+                pass
+        writing = ort_cache.writer(cache_key, path)
+        if writing is None:
+            return self._create(ort, path, opts, providers)
+        with writing as tmp:
+            ort_cache.save_options(opts, tmp)
+            return self._create(ort, path, opts, providers)
+
+    def _create(self, ort, path: Path, opts, providers):
+        try:
+            return ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own exception types for damaged files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SdtrtError(f"ONNX Runtime cannot load {path}: {first[:300]}",
@@ -107,7 +161,7 @@ class OnnxRuntimeBackend:
         return ["CPUExecutionProvider"]
 
     def components(self) -> set[str]:
-        return set(self._sessions)
+        return set(self._available)
 
     def input_dtype(self, component: str, tensor: str) -> torch.dtype:
         return self._dtypes[component][tensor]
@@ -116,7 +170,7 @@ class OnnxRuntimeBackend:
         return None  # the ONNX files have dynamic axes for every symbol the runtime varies
 
     def run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        session = self._sessions[component]
+        session = self._session_for(component)
         key = (component, *(tuple(v.shape) for v in feeds.values()))
         shapes = self._shape_cache.get(key)
         if shapes is None:  # derived once per distinct input shapes, not per denoising step

@@ -1,0 +1,116 @@
+"""ONNX Runtime's optimized graphs, kept per machine so that a restarted process skips graph optimization.
+
+Creating a session for a large UNet spends most of its time optimizing the graph (fusions, constant
+folding, the CPU's NCHWc layout), and does it again on every start. ONNX Runtime can write the graph it
+ends with; loaded with optimizations off, that file gives the same session, sooner. At the 'all' level the
+result is specific to the CPU's instruction set (ONNX Runtime says so), so it lives in the user's cache
+folder, keyed by everything it depends on, never next to the portable export:
+
+  the component's recorded hash, the ONNX file's and its data file's size and mtime (a file edited in
+  place after export misses), onnxruntime's version, the optimization level, the provider, the session
+  config entries, and the CPU's feature flags.
+
+Used only for a component's own weights: a session with replaced initializers (LoRA, Textual Inversion)
+is optimized from the export, since fusion renames the initializers it would replace. An entry is
+written the first time a component loads (the session writes the graph it optimized anyway); writing a
+new entry for an export removes that export's older ones. $SDTRT_ORT_CACHE=0 turns the cache off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+from ...errors import SdtrtError
+
+log = logging.getLogger("sdtrt")
+
+FOLDER = "ort-optimized"
+MODEL = "model.onnx"
+DATA = "model.onnx.data"
+SOURCE = "source.json"  # the export file an entry was made from, for pruning
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def key(onnx_path: Path, recorded_sha256: str, level: str, provider: str, config: dict[str, str] | None = None) -> str:
+    import onnxruntime as ort
+
+    files = [onnx_path, *(p for p in [onnx_path.with_name(onnx_path.name + ".data")] if p.exists())]
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    facts = {"sha256": recorded_sha256, "files": stats, "onnxruntime": ort.__version__, "level": level,
+             "provider": provider, "session_config": config or {}, "machine": platform.machine(), "cpu": hashlib.sha256(_cpu_flags().encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def root() -> Path | None:
+    """The cache folder, or None (caching off) when $SDTRT_ORT_CACHE=0 or the cache folder is unusable:
+    the cache only saves time, so a read-only home never stops a load."""
+    if os.environ.get("SDTRT_ORT_CACHE", "1").lower() in ("0", "false", "no", "off"):
+        return None
+    from ...files import cache_dir
+
+    try:
+        return cache_dir() / FOLDER
+    except SdtrtError as e:
+        if not _warned:
+            _warned.append(True)
+            log.warning("not caching ONNX Runtime's optimized graphs (%s); loads take longer", e.problem)
+        return None
+
+
+_warned: list[bool] = []  # say it once per process, not once per component
+
+
+def cached(cache_key: str) -> Path | None:
+    base = root()
+    path = base / cache_key / MODEL if base is not None else None
+    return path if path is not None and path.is_file() else None
+
+
+def save_options(opts: Any, tmp: Path) -> None:
+    """Ask a session being created to write its optimized graph (weights in one external data file) into tmp."""
+    opts.optimized_model_filepath = str(tmp / MODEL)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+
+
+def writer(cache_key: str, source: Path):
+    """A context manager yielding the temporary folder to write into, or None when caching is off. The
+    entry appears only complete (two processes writing the same entry: one complete copy wins); then
+    entries of the same source file made before it changed, and of source files since deleted, go."""
+    base = root()
+    return None if base is None else _writing(base, cache_key, Path(source).absolute())
+
+
+@contextlib.contextmanager
+def _writing(base: Path, cache_key: str, source: Path) -> Iterator[Path]:
+    from ...files import atomic_dir
+
+    with atomic_dir(base / cache_key, force=True) as tmp:
+        yield tmp
+        (tmp / SOURCE).write_text(json.dumps({"source": str(source)}))
+    for entry in base.iterdir():
+        if entry.name == cache_key or not entry.is_dir():
+            continue
+        try:
+            other = Path(json.loads((entry / SOURCE).read_text())["source"])
+        except (OSError, ValueError, KeyError):
+            continue  # being written, or not ours
+        if other == source or not other.exists():
+            shutil.rmtree(entry, ignore_errors=True)
