@@ -128,3 +128,12 @@ def test_sessions_a_request_does_not_need_are_made_on_first_use(tiny_onnx, cache
     assert "vae_encoder" in pipe.backend._sessions
     eager = Pipeline.load(tiny_onnx, lazy=False)
     assert set(eager.backend._sessions) == set(eager.backend.components())
+
+
+def test_no_entry_is_written_when_the_disk_would_fill(onnx, cache, monkeypatch, caplog):
+    import shutil as sh
+
+    monkeypatch.setattr(ort_cache.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
+    with caplog.at_level(logging.WARNING, logger="sdtrt"):
+        _image(Pipeline.load(onnx))
+    assert _entries(cache) == set() and any("GB free" in r.getMessage() for r in caplog.records)

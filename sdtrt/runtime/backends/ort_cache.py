@@ -95,7 +95,19 @@ def writer(cache_key: str, source: Path):
     entry appears only complete (two processes writing the same entry: one complete copy wins); then
     entries of the same source file made before it changed, and of source files since deleted, go."""
     base = root()
-    return None if base is None else _writing(base, cache_key, Path(source).absolute())
+    if base is None:
+        return None
+    size = sum(p.stat().st_size for p in (source, source.with_name(source.name + ".data")) if p.exists())
+    try:
+        base.mkdir(exist_ok=True)
+        free = shutil.disk_usage(base).free
+    except OSError:
+        return None
+    if free < 2 * size + 2**30:  # an entry is about the export's size; never fill the disk for a speed-up
+        log.warning("not caching ONNX Runtime's optimized graph of %s: %.1f GB free in %s, it needs about %.1f GB",
+                    source, free / 1e9, base, size / 1e9)
+        return None
+    return _writing(base, cache_key, Path(source).absolute())
 
 
 @contextlib.contextmanager
