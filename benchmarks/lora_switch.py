@@ -78,13 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         r = pipe("a fox", steps=3, seed=0, height=a.size, width=a.size, progress=False)
         return r.timings["unet"] / r.timings["unet_calls"]
 
-    base_unet = [unet_call() for _ in range(a.repeats)]
     first = timed(lambda: pipe.set_loras([(lora_a, 0.8)]))
-    lora_unet = [unet_call() for _ in range(a.repeats)]
     switches = []
     for target in [lora_b, lora_a] * a.repeats:
         switches.append(timed(lambda t=target: pipe.set_loras([(t, 0.8)])))
     clear = timed(lambda: pipe.set_loras([]))
+    # UNet time per call with and without the LoRA, interleaved (base, LoRA, base, ...) so that machine
+    # noise hits both alike; the switches in between are not timed here
+    base_unet, lora_unet = [], []
+    for _ in range(a.repeats):
+        pipe.set_loras([])
+        base_unet.append(unet_call())
+        pipe.set_loras([(lora_a, 0.8)])
+        lora_unet.append(unet_call())
     doc = {"machine": machine_info(), "versions": library_versions(), "preset": a.preset, "rank": a.rank,
            "weights_touched": touched, "lora_file_mb": round(lora_a.stat().st_size / 1e6, 1),
            "pipeline_load_seconds": round(load_seconds, 2),
