@@ -207,9 +207,10 @@ def _model(a: argparse.Namespace, work: Path, log) -> Model:
     return Model(path, name, sha, src.family, sum(f.stat().st_size for f in src.weight_files))
 
 
-def _reusable(target: Path, model: Model) -> tuple[Any, str | None]:
-    """(the directory, None) if `target` holds sdtrt work made from these weights, else (None, why not).
-    Its metadata is checked, not its name: a folder copied or left from other weights is made again."""
+def _reusable(target: Path, model: Model, sha256: str | None = None) -> tuple[Any, str | None]:
+    """(the directory, None) if `target` holds sdtrt work made from these weights (`sha256`: the hash its
+    sdtrt.json records, by default the model's), else (None, why not). Its metadata is checked, not its
+    name: a folder copied or left from other weights is made again."""
     from sdtrt.artifacts import open_model_dir
     from sdtrt.errors import SdtrtError
 
@@ -219,14 +220,14 @@ def _reusable(target: Path, model: Model) -> tuple[Any, str | None]:
         found = open_model_dir(target)
     except SdtrtError as e:
         return None, f"again: {e.problem}"
-    if found.meta.source.sha256 != model.sha256:
+    if found.meta.source.sha256 != (sha256 or model.sha256):
         return None, f"again: it was exported from other weights (sha256 {found.meta.source.sha256[:16]})"
     return found, None
 
 
-def _onnx_stale(target: Path, model: Model, dtype: str, size: list[int]) -> str | None:
+def _onnx_stale(target: Path, model: Model, dtype: str, size: list[int], sha256: str | None = None) -> str | None:
     """Why the ONNX dir at `target` cannot be reused for this model (None: it can)."""
-    found, why = _reusable(target, model)
+    found, why = _reusable(target, model, sha256)
     if found is not None and (found.meta.dtype, found.meta.default_size) != (dtype, size):
         return "again: it was exported with other options"
     return why
@@ -263,10 +264,14 @@ def _sdtrt_onnx(model: Model, work: Path, a: argparse.Namespace, dtype: str, log
 
     # the export validates at (and records as its default) --height x --width, so the size is part of the key
     target = model.cache(work) / f"onnx-{dtype}-{a.height}x{a.width}"
+    recorded = None  # with a ControlNet, sdtrt.json records one hash over the model's and the ControlNet's weights
     if controlnet is not None:  # keyed by the ControlNet's weights too
+        from sdtrt.export.source import inspect_source, weights_sha256
+
         weights = sorted(controlnet.glob("*.safetensors"))
         target = target.with_name(target.name + f"-cn{file_sha256(weights[0])[:12] if weights else controlnet.name}")
-    why = _onnx_stale(target, model, dtype, [a.height, a.width])
+        recorded = weights_sha256(inspect_source(model.path).weight_files + tuple(weights), model.path)
+    why = _onnx_stale(target, model, dtype, [a.height, a.width], recorded)
     if why:
         log(f"exporting {model.name} to {target} ({dtype}, {why})")
         export_model(model.path, target, dtype=dtype, height=a.height, width=a.width, force=True, log=log,

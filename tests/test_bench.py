@@ -304,19 +304,23 @@ def test_models_that_are_not_text_to_image_are_refused_before_any_work(preset, t
     assert "--preset" in e.value.fix and not work.exists()
 
 
-def test_controlnet_benchmark_runs_diffusers_controlnet_pipeline_against_sdtrt(tiny_model, tmp_path):
-    """--controlnet: diffusers' ControlNet pipeline vs sdtrt, same image, the ControlNet's time per call reported."""
+def test_controlnet_benchmark_runs_diffusers_controlnet_pipeline_against_sdtrt(tiny_model, tmp_path, capsys):
+    """--controlnet: diffusers' ControlNet pipeline vs sdtrt, same image, the ControlNet's time per call reported;
+    a second run reuses the export (its sdtrt.json hashes the model's and the ControlNet's weights together)."""
     from benchmarks.bench import main as bench
 
     out = tmp_path / "cn.json"
-    assert bench([str(tiny_model), "--controlnet", "tiny-controlnet", "--systems", "diffusers,optimum,sdtrt", "--work-dir", str(tmp_path / "w"),
-                  "--out", str(out), "--steps", "2", "--repeats", "1", "--warmup", "0", "--height", "64", "--width", "64",
-                  "--no-overhead"]) == 0
+    args = [str(tiny_model), "--controlnet", "tiny-controlnet", "--systems", "diffusers,optimum,sdtrt", "--work-dir", str(tmp_path / "w"),
+            "--out", str(out), "--steps", "2", "--repeats", "1", "--warmup", "0", "--height", "64", "--width", "64", "--no-overhead"]
+    assert bench(args) == 0
     doc = json.loads(out.read_text())
     assert set(doc["systems"]) == {"diffusers", "sdtrt-onnxruntime"}  # Optimum has no ControlNet pipeline
     assert doc["same_image"]["ok"] and doc["config"]["controlnet"] == "tiny-controlnet"
     for entry in doc["systems"].values():
         assert entry["summary"]["controlnet_per_call"]["median"] > 0
+    assert "exporting" in capsys.readouterr().out
+    assert bench(args) == 0
+    assert "exporting" not in capsys.readouterr().out
 
 
 def test_cold_start_times_fresh_processes_with_and_without_the_cached_graphs(tiny_model, tmp_path):
