@@ -838,6 +838,47 @@ def _run_serve(a: argparse.Namespace) -> None:
     print("sdtrt serve: stopped", file=sys.stderr)
 
 
+def _demo_parser(sub) -> None:
+    p = _add(sub, "demo", "a web page (Gradio) for people: text to image, image to image, inpainting; Chinese or English",
+             """\
+             Load a model once and serve a web page (Gradio) for it: text to image, image to image, and inpainting
+             with the mask painted in the browser. Prompt, negative prompt, sampler, steps, CFG scale, seed (🎲: a
+             random one, ♻️: the last one used), size, images per prompt, denoising strength; a progress bar per
+             denoising step. Downloaded PNGs carry A1111's `parameters` text. One model runs one request at a time:
+             the others wait in a queue (Gradio shows each user their place). The page switches between Chinese
+             and English; it opens in Chinese for a Taiyi model, in English otherwise (--lang). Without MODEL_DIR
+             it serves the tiny demo model (exported with a VAE encoder once, into the cache).
+             Needs Gradio: pip install 'sdtrt[demo]'. Ctrl-C exits 130, SIGTERM 143.
+             """,
+             """\
+             sdtrt demo                                       # tiny demo model on http://127.0.0.1:7860
+             sdtrt demo out/taiyi-onnx                        # a Taiyi export: the page opens in Chinese
+             sdtrt demo out/sd15-onnx --port 8080 --lang zh --outdir outputs/demo
+             sdtrt demo out/sd15-engines --backend tensorrt --host 0.0.0.0
+             """)
+    p.add_argument("model_dir", nargs="?", type=Path, help="ONNX dir (sdtrt export) or engine dir (sdtrt build); default: the tiny demo model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=positive_int, default=7860, help="TCP port")
+    p.add_argument("--share", default="off", choices=["on", "off"], help="on: also a public *.gradio.live link (needs Gradio's tunnel service)")
+    p.add_argument("--lang", default="auto", choices=["auto", "zh", "en"], help="the page's first language (auto: zh for Taiyi, else en)")
+    p.add_argument("--outdir", type=Path, help="keep the images here, numbered (default: a temporary folder removed on exit)")
+    p.add_argument("--max-queue", type=positive_int, default=32, metavar="Q", help="requests waiting before new ones are turned away")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "aoti"], help="auto: by directory kind")
+    p.add_argument("--device", type=device, help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
+    p.add_argument("--threads", type=threads, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(a: argparse.Namespace) -> None:
+    from .demo import run
+
+    options = {"threads": a.threads} if a.backend != "tensorrt" and a.threads else {}
+    if a.device:
+        options["device"] = a.device
+    run(a.model_dir, host=a.host, port=a.port, share=a.share == "on", lang=None if a.lang == "auto" else a.lang, outdir=a.outdir,
+        backend=a.backend, backend_options=options, max_queue=a.max_queue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdtrt", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sdtrt {__version__}")
@@ -849,6 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inspect_parser(sub)
     _bench_parser(sub)
     _serve_parser(sub)
+    _demo_parser(sub)
     return parser
 
 
