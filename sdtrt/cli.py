@@ -344,7 +344,7 @@ _FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "num_image
           "aesthetic_score": "--aesthetic-score", "negative_aesthetic_score": "--negative-aesthetic-score",
           "controlnet": "--controlnet", "control_image": "--control-image", "controlnet_conditioning_scale": "--control-scale",
           "control_guidance_start": "--control-start", "control_guidance_end": "--control-end",
-          "vae_tiling": "--vae-tiling", "vae_slicing": "--vae-slicing"}
+          "vae_tiling": "--vae-tiling", "vae_slicing": "--vae-slicing", "noise_level": "--noise-level", "depth_map": "--depth-map"}
 
 
 def _generate_parser(sub) -> None:
@@ -352,7 +352,8 @@ def _generate_parser(sub) -> None:
 
     p = _add(sub, "generate", "make images from a prompt with an ONNX or engine directory",
              """\
-             Text to image (and img2img / inpainting) with the lean runtime. --model takes an ONNX
+             Text to image (and img2img / inpainting; with a depth2img or unCLIP export, --image is what that
+             model conditions on) with the lean runtime. --model takes an ONNX
              directory (runs on ONNX Runtime) or an engine directory (runs on TensorRT); without --model,
              a tiny random-weight demo model is made and exported once into ~/.cache/sdtrt (or
              $SDTRT_CACHE).
@@ -373,6 +374,8 @@ def _generate_parser(sub) -> None:
              sdtrt generate "a fox, <lora:ink:0.7>" --prompt-syntax a1111 --lora-dir loras/ --embedding cat.pt:<cat> --allow-pickle
              sdtrt generate "a fox" --model out/sdxl-onnx --refiner out/sdxl-refiner-onnx --steps 40 --out fox.png
              sdtrt generate "a house" --model out/cn-onnx --controlnet canny --control-image photo.png --control-preprocess canny
+             sdtrt generate "a cosy cabin" --model out/depth-onnx --image room.png --depth-map room-depth.png   # depth2img
+             sdtrt generate "" --model out/unclip-onnx --image photo.png --noise-level 100                      # unCLIP variations
              """)
     p.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
     p.add_argument("--model", type=Path, help="ONNX dir (sdtrt export) or engine dir (sdtrt build); default: the tiny demo model")
@@ -424,6 +427,12 @@ def _generate_parser(sub) -> None:
     g.add_argument("--negative-aesthetic-score", type=finite, help="refiner: negative aesthetic score (default 2.5)")
     g.add_argument("--refiner", type=folder, help="an SDXL refiner ONNX/engine dir: the base runs the first --refiner-start of the schedule, the refiner the rest")
     g.add_argument("--refiner-start", type=strength, default=0.8, help="fraction of the schedule the base runs before the refiner takes its latents")
+    d = p.add_argument_group("image-conditioned models (depth2img, unCLIP; the x4 upscaler has `sdtrt upscale`)")
+    d.add_argument("--depth-map", type=image_file, metavar="FILE",
+                   help="depth2img: the depth of --image as a grayscale image (larger = nearer), instead of estimating it")
+    d.add_argument("--depth", choices=["auto"], help="depth2img: estimate the depth of --image with the exported DPT (the default without --depth-map)")
+    d.add_argument("--noise-level", type=nonnegative_int,
+                   help="unCLIP: noise added to the image embedding (default 0; more: looser variations)")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode (and encode) in overlapping, blended tiles: large images in the memory of one tile (diffusers' vae.enable_tiling())")
     p.add_argument("--vae-slicing", action="store_true", help="run the VAE one image at a time (diffusers' vae.enable_slicing())")
@@ -563,7 +572,10 @@ def _run_generate(a: argparse.Namespace) -> None:
                       target_size=a.target_size, crops_coords_top_left=a.crops_coords_top_left or (0, 0),
                       negative_original_size=a.negative_original_size, negative_target_size=a.negative_target_size,
                       **{k: v for k, v in (("aesthetic_score", a.aesthetic_score), ("negative_aesthetic_score", a.negative_aesthetic_score))
-                         if v is not None}, **_control(a), vae_tiling=a.vae_tiling, vae_slicing=a.vae_slicing).check()
+                         if v is not None}, **_control(a), vae_tiling=a.vae_tiling, vae_slicing=a.vae_slicing,
+                      depth_map=a.depth_map, noise_level=a.noise_level).check()
+    if a.depth_map is not None and a.depth == "auto":
+        raise SdtrtError("--depth auto and --depth-map both say where the depth comes from.", cli_fix="pass one of them")
     if a.scheduler:
         _scheduler_name(a.scheduler)
     # everything about the outputs is decided and checked before any model is made or loaded
@@ -573,7 +585,8 @@ def _run_generate(a: argparse.Namespace) -> None:
     options = {"threads": a.threads} if a.backend != "tensorrt" and a.threads else {}
     if a.device:
         options["device"] = a.device
-    pipe = Pipeline.load(model, backend=a.backend, **options)
+    # sessions are made once the request has passed the model's checks: a refused one costs none
+    pipe = Pipeline.load(model, backend=a.backend, preload="none", **options)
     for path, token in a.embedding:
         pipe.load_textual_inversion(path, token, allow_pickle=a.allow_pickle)
     if loras:
@@ -609,6 +622,88 @@ def _base_then_refiner(a: argparse.Namespace, base, request, options):
     for key in ("text_encoder", "denoise", "unet", "unet_calls", "total"):
         second.timings[key] = second.timings.get(key, 0) + first.timings.get(key, 0)
     return second
+
+
+def _upscale_parser(sub) -> None:
+    from .runtime.schedulers import SCHEDULERS
+
+    p = _add(sub, "upscale", "enlarge images 4x with a Stable Diffusion x4 upscaler export",
+             """\
+             Upscale images with an exported x4 upscaler (diffusers' StableDiffusionUpscalePipeline; `sdtrt make-model
+             --preset tiny-upscaler` makes a toy one): the output is 4x each input, which must be a multiple of 4 pixels
+             per side (or --resize floors it there, bicubic, as diffusers does). The prompt guides the invented
+             detail; --noise-level (0-350, default 20) sets how much noise the low-res image gets first: more noise,
+             more new detail, less of the input. Same model, settings and seed give diffusers' image.
+
+             Large inputs: the UNet runs on the whole low-res image; --vae-tiling decodes the 4x output in blended
+             tiles (diffusers' vae.enable_tiling()), so the decoder needs the memory of one tile.
+             Images carry A1111-style parameters (with the noise level); existing files are never replaced without --force.
+             """,
+             """\
+             sdtrt upscale photo.png --model out/x4-onnx --prompt "a sharp photo of a cat" --out photo-x4.png
+             sdtrt upscale a.png b.png --model out/x4-onnx --prompt "a cat" --prompt "a dog" --noise-level 50 --out big/
+             sdtrt upscale scan.jpg --model out/x4-onnx --steps 75 --guidance-scale 9 --vae-tiling --seed 1 --out scan-x4.png
+             """)
+    p.add_argument("image", nargs="+", type=image_file, help="low-res image(s) to upscale (PNG, JPEG); each gets its own prompt, or all share one")
+    p.add_argument("--model", type=Path, required=True, help="x4 upscaler ONNX dir (sdtrt export) or engine dir (sdtrt build)")
+    p.add_argument("--prompt", action="append", help="prompt; give once for all images or once per image (default: empty)")
+    p.add_argument("--negative-prompt", action="append", help="negative prompt; once for all or once per image")
+    p.add_argument("--noise-level", type=nonnegative_int, help="noise added to the low-res image, 0..the model's max_noise_level (default 20)")
+    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (diffusers' upscaler default: 75)")
+    p.add_argument("--guidance-scale", "--cfg", type=nonnegative, help="classifier-free guidance; <= 1 turns it off (default: 9.0, diffusers')")
+    p.add_argument("--scheduler", "--sampler", help=f"sampler (default: the model's own). One of {', '.join(SCHEDULERS)}, or a diffusers class / A1111 name")
+    p.add_argument("--scheduler-option", action="append", default=[], metavar="KEY=VALUE", help="scheduler config override (repeatable)")
+    p.add_argument("--seed", type=seed, help="random seed, 0..2^64-1 (default: a random one, printed and stored in the image)")
+    p.add_argument("--num-images", type=positive_int, default=1, help="upscaled versions per image")
+    p.add_argument("--clip-skip", type=positive_int, help="use the text encoder's hidden states this many layers before the last")
+    p.add_argument("--resize", action="store_true", help="floor each image to a multiple of 4 (bicubic) instead of refusing")
+    p.add_argument("--vae-tiling", action="store_true", help="decode the 4x output in overlapping, blended tiles (diffusers' vae.enable_tiling())")
+    p.add_argument("--vae-slicing", action="store_true", help="decode one image at a time (diffusers' vae.enable_slicing())")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "aoti"], help="auto: by directory kind")
+    p.add_argument("--device", type=device, help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
+    p.add_argument("--threads", type=threads, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.add_argument("--out", default="outputs/", help="image path (.png, .jpg, .webp), or a folder ending in / for numbered images")
+    p.add_argument("--format", choices=["png", "jpg", "webp"], help="file format for a folder --out (default png)")
+    p.add_argument("--quality", type=quality, default=95, help="JPEG/WebP quality 1-100")
+    p.add_argument("--force", action="store_true", help="replace existing image files named by --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_upscale)
+
+
+def _run_upscale(a: argparse.Namespace) -> None:
+    from .artifacts import open_model_dir
+    from .outputs import a1111_parameters, plan
+    from .runtime.pipeline import Pipeline
+    from .runtime.request import Request
+
+    images = len(a.image)
+    for flag, values in (("--prompt", a.prompt), ("--negative-prompt", a.negative_prompt)):
+        if values and len(values) not in (1, images):
+            raise SdtrtError(f"{len(values)} {flag} values for {images} images.", cli_fix=f"give {flag} once, or once per image")
+    prompts = a.prompt if a.prompt and len(a.prompt) == images else [(a.prompt or [""])[0]] * images
+    request = Request(prompts, _texts(a.negative_prompt), image=list(a.image) if images > 1 else a.image[0], noise_level=a.noise_level,
+                      num_images_per_prompt=a.num_images, steps=a.steps, guidance_scale=a.guidance_scale, scheduler=a.scheduler,
+                      scheduler_options=_parse_options(a.scheduler_option), seed=a.seed, clip_skip=a.clip_skip, resize=a.resize,
+                      vae_tiling=a.vae_tiling, vae_slicing=a.vae_slicing).check()
+    if a.scheduler:
+        _scheduler_name(a.scheduler)
+    outputs = plan(a.out, request.batch, a.force, a.format)
+    model = open_model_dir(a.model)
+    if model.meta.family != "upscale":
+        raise SdtrtError(f"{a.model} is a {model.family.describe(model.meta.config)} export, not an x4 upscaler.",
+                         cli_fix="pass --model an export of an x4 upscaler folder (sdtrt make-model --preset tiny-upscaler makes a toy one); "
+                                 "for img2img use sdtrt generate --image")
+    _check_scheduler(a.model, request)
+    options = {"threads": a.threads} if a.backend != "tensorrt" and a.threads else {}
+    if a.device:
+        options["device"] = a.device
+    pipe = Pipeline.load(a.model, backend=a.backend, **options)
+    result = pipe.run(request, progress=not a.no_progress)
+    for path in outputs.write(result.images, [a1111_parameters(p) for p in result.parameters], a.quality):
+        print(f"wrote {path}")
+    t = result.timings
+    print(f"seed {result.seed}; {result.images[0].width}x{result.images[0].height}; denoise {t['denoise']:.3f}s "
+          f"({t['unet_calls']} UNet calls), VAE decode {t['vae_decoder']:.3f}s, total {t['total']:.3f}s")
 
 
 def _build_parser(sub) -> None:
@@ -887,6 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
     _export_parser(sub)
     _build_parser(sub)
     _generate_parser(sub)
+    _upscale_parser(sub)
     _inspect_parser(sub)
     _bench_parser(sub)
     _serve_parser(sub)

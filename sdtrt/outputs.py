@@ -27,6 +27,7 @@ def a1111_parameters(p: Mapping[str, Any]) -> str:
     fields = [("Steps", p.get("steps")), ("Sampler", p.get("sampler")), ("CFG scale", p.get("guidance_scale")),
               ("Seed", p.get("seed")), ("Size", f"{p.get('width')}x{p.get('height')}"), ("Model hash", p.get("model_hash")),
               ("Clip skip", clip_skip + 1 if clip_skip else None), ("Denoising strength", p.get("strength")),
+              ("Noise level", p.get("noise_level")),
               ("Lora hashes", _hashes(p.get("loras"))), ("TI hashes", _hashes(p.get("embeddings"))),
               ("Version", f"sdtrt {__version__}")]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))

@@ -135,3 +135,48 @@ def tiny_taiyi_onnx(tiny_taiyi_model, tmp_path_factory) -> Path:
 
     return export_model(tiny_taiyi_model, tmp_path_factory.mktemp("onnx") / "taiyi",
                         components=["text_encoder", "unet", "vae_decoder", "vae_encoder"], show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler_model(tmp_path_factory) -> Path:
+    from sdtrt.models.presets import make_model
+
+    return make_model("tiny-upscaler", tmp_path_factory.mktemp("models") / "tiny-upscaler", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler_onnx(tiny_upscaler_model, tmp_path_factory) -> Path:
+    """fp32 export of the text encoder, the 7-channel UNet (noise-level class labels) and the x4 VAE decoder, validated."""
+    from sdtrt.export import export_model
+
+    return export_model(tiny_upscaler_model, tmp_path_factory.mktemp("onnx") / "upscaler", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_depth2img_model(tmp_path_factory) -> Path:
+    from sdtrt.models.presets import make_model
+
+    return make_model("tiny-depth2img", tmp_path_factory.mktemp("models") / "tiny-depth2img", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_depth2img_onnx(tiny_depth2img_model, tmp_path_factory) -> Path:
+    """fp32 export of the text encoder, the 5-channel UNet, both VAE halves and the DPT depth estimator, validated."""
+    from sdtrt.export import export_model
+
+    return export_model(tiny_depth2img_model, tmp_path_factory.mktemp("onnx") / "depth2img", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_unclip_model(tmp_path_factory) -> Path:
+    from sdtrt.models.presets import make_model
+
+    return make_model("tiny-unclip", tmp_path_factory.mktemp("models") / "tiny-unclip", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_unclip_onnx(tiny_unclip_model, tmp_path_factory) -> Path:
+    """fp32 export of the text encoder, the class-conditioned UNet, the VAE decoder and the CLIP image encoder, validated."""
+    from sdtrt.export import export_model
+
+    return export_model(tiny_unclip_model, tmp_path_factory.mktemp("onnx") / "unclip", show_progress=False)

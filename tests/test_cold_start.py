@@ -126,7 +126,7 @@ def test_sessions_a_request_does_not_need_are_made_on_first_use(tiny_onnx, cache
     init = torch.rand(1, 3, 64, 64)
     pipe("a fox", image=init, strength=0.5, steps=2, progress=False)
     assert "vae_encoder" in pipe.backend._sessions
-    eager = Pipeline.load(tiny_onnx, lazy=False)
+    eager = Pipeline.load(tiny_onnx, preload="all")
     assert set(eager.backend._sessions) == set(eager.backend.components())
 
 
@@ -137,3 +137,52 @@ def test_no_entry_is_written_when_the_disk_would_fill(onnx, cache, monkeypatch, 
     with caplog.at_level(logging.WARNING, logger="sdtrt"):
         _image(Pipeline.load(onnx))
     assert _entries(cache) == set() and any("GB free" in r.getMessage() for r in caplog.records)
+
+
+def test_with_preload_none_a_refused_request_creates_no_session_and_no_cache(tiny_onnx, cache):
+    from sdtrt.runtime.request import InvalidRequest
+
+    pipe = Pipeline.load(tiny_onnx, preload="none")
+    assert pipe.backend._sessions == {}
+    with pytest.raises(InvalidRequest):
+        pipe("a fox", clip_skip=99, steps=2, progress=False)
+    assert pipe.backend._sessions == {} and _entries(cache) == set()
+    pipe("a fox", steps=2, progress=False)
+    assert set(pipe.backend._sessions) == {"text_encoder", "unet", "vae_decoder"}  # made together, before the run
+
+
+def test_adapters_read_weights_of_a_hard_linked_export(tiny_onnx, tmp_path, cache):
+    """onnx's own reader refuses data files with several links; exports copied with `cp -al` still take LoRAs."""
+    own = Path(shutil.copytree(tiny_onnx, tmp_path / "own"))  # never link the session's shared export (see below)
+    linked = Path(shutil.copytree(own, tmp_path / "linked", copy_function=os.link))
+    pipe = Pipeline.load(linked)
+    unet = pipe.model.meta.components["unet"]
+    names = {pipe.model.specs["unet"].prefix + n for n in list(unet.weights)[:5]}
+    ours = pipe.adapters._base_value("unet", names)
+    import onnx
+    from onnx import numpy_helper
+
+    plain = Path(shutil.copytree(tiny_onnx / "unet", tmp_path / "plain"))  # bytes copied: one link, onnx reads it
+    graph = onnx.load(str(plain / "model.onnx"))
+    theirs = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer if t.name in names}
+    assert ours.keys() == theirs.keys() == names
+    for name in names:
+        assert torch.equal(ours[name], torch.from_numpy(theirs[name].copy()))
+
+
+def test_processes_loading_one_export_at_once_all_load_and_leave_one_whole_entry_each(onnx, cache):
+    """Several servers starting together: each writes the graph in its own hidden folder; the first to
+    finish puts its entry in place, the others keep it (a reader may be loading it) and drop theirs."""
+    import subprocess
+    import sys
+
+    script = "import sys; from sdtrt import Pipeline; Pipeline.load(sys.argv[1]); print('ok')"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(onnx)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in results]
+    made = _entries(cache)
+    assert len(made) == 3 and not any(name.startswith(".") for name in made), made  # no partials left behind
+    for entry in made:
+        assert {p.name for p in (cache / entry).iterdir()} >= {ort_cache.MODEL, ort_cache.SOURCE}
+    assert Pipeline.load(onnx).backend._sessions  # and the entries load

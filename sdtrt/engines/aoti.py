@@ -137,7 +137,7 @@ def _source(path: Path):
 def _dims(spec: ComponentSpec, ranges: Ranges) -> tuple[tuple, dict[str, int]]:
     """(dynamic_shapes for torch.export, the example sizes): one Dim per symbol, shared by every input
     that has it; static where min == max. Examples avoid sizes 0 and 1, which torch.export specializes."""
-    low, high, opt = symbol_sizes(ranges, "min"), symbol_sizes(ranges, "max"), symbol_sizes(ranges, "opt")
+    low, high, opt = (symbol_sizes(ranges, w, spec.latent_factor) for w in ("min", "max", "opt"))
     dims, example = {}, {}
     for symbol in {d for t in spec.inputs for d in t.dims if isinstance(d, str)}:
         lo, hi = low[symbol], high[symbol]
@@ -177,7 +177,7 @@ def _compile(spec: ComponentSpec, src, ranges: Ranges, dtype: str, device: torch
         torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
     seconds = time.time() - t0
     log(f"{spec.name}: compiled in {seconds:.1f}s")
-    profile = {t.name: [list(t.shape(symbol_sizes(ranges, w))) for w in ("min", "opt", "max")] for t in spec.inputs}
+    profile = {t.name: [list(t.shape(symbol_sizes(ranges, w, spec.latent_factor))) for w in ("min", "opt", "max")] for t in spec.inputs}
     del module, exported
     return EngineFile(path=path.name, dtype=dtype, sha256=file_sha256(path), size_bytes=path.stat().st_size, onnx_sha256="",
                       cache_key="", profile=profile, build_seconds=round(seconds, 2), layers={})

@@ -72,8 +72,8 @@ class Ranges:
                    Range.parse(width, "--width", VAE_FACTOR, MAX_SIDE), prompt_chunks)
 
 
-def symbol_sizes(r: Ranges, which: str) -> dict[str, int]:
-    """The value of every per-call symbol at the profile's min, opt or max."""
+def symbol_sizes(r: Ranges, which: str, latent_factor: int = VAE_FACTOR) -> dict[str, int]:
+    """The value of every per-call symbol at the profile's min, opt or max (latents: pixels / the VAE's factor)."""
     b, h, w = getattr(r.batch, which), getattr(r.height, which), getattr(r.width, which)
     low, high = which == "min", which == "max"
     return {
@@ -81,11 +81,11 @@ def symbol_sizes(r: Ranges, which: str) -> dict[str, int]:
         "B2": r.batch.min if low else 2 * b,  # guidance off at the low end, on above
         "T": r.batch.min if low else 2 * b * (r.prompt_chunks if high else 1),  # prompts + negatives (x chunks)
         "S": TEXT_LENGTH * r.prompt_chunks if high else TEXT_LENGTH,
-        "H": h, "W": w, "h": h // VAE_FACTOR, "w": w // VAE_FACTOR,
+        "H": h, "W": w, "h": h // latent_factor, "w": w // latent_factor,
     }
 
 
 def profile(spec: ComponentSpec, ranges: Ranges) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """input name -> (min, opt, max) shape for one engine."""
-    per = {which: symbol_sizes(ranges, which) for which in ("min", "opt", "max")}
+    per = {which: symbol_sizes(ranges, which, spec.latent_factor) for which in ("min", "opt", "max")}
     return {t.name: tuple(t.shape(per[w]) for w in ("min", "opt", "max")) for t in spec.inputs}

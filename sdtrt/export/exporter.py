@@ -34,7 +34,7 @@ def component_dtypes(specs: Sequence[ComponentSpec], dtype: str, fp16_vae: bool)
 def sample_inputs(spec: ComponentSpec, height: int, width: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Real-shaped fp32 inputs: 77 tokens, latents of the requested size, a guidance batch of 2."""
     g = torch.Generator().manual_seed(seed)
-    sizes = sizes_for(1, height, width)
+    sizes = sizes_for(1, height, width, latent_factor=spec.latent_factor)
     return tuple(_sample(spec, t, t.shape(sizes), g) for t in spec.inputs)
 
 
@@ -50,9 +50,14 @@ def _sample(spec: ComponentSpec, t: TensorSpec, shape: tuple[int, ...], g: torch
         return torch.tensor([801.0])
     if t.sample == "image":
         return torch.rand(shape, generator=g) * 2 - 1
-    if t.sample in spec.sample_values:
-        return torch.tensor([spec.sample_values[t.sample]], dtype=torch.float32).expand(shape).contiguous()
+    if t.sample in spec.sample_values:  # fixed values per row (time ids [B2,N]; class labels [B2])
+        values = torch.tensor(spec.sample_values[t.sample], dtype=torch.float32)
+        x = values.expand(shape) if len(shape) == 1 else values[None].expand(shape)
+        return x.contiguous().to(_INT_DTYPES.get(t.dtype, torch.float32))
     return torch.randn(shape, generator=g)
+
+
+_INT_DTYPES = {"int32": torch.int32, "int64": torch.int64}
 
 
 def _cast(inputs: tuple[torch.Tensor, ...], dtype: str) -> tuple[torch.Tensor, ...]:

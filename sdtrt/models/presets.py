@@ -66,11 +66,14 @@ class Preset:
     scheduler_class: str
     scheduler: dict[str, Any]
     pipeline: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(_SD_PIPELINE))  # extra pipeline arguments
+    # further pipeline parts: name -> (class, config), e.g. the upscaler's low_res_scheduler, a depth estimator and its
+    # image processor, unCLIP's image encoder; built by `_build_extra` (random weights, seeded like the rest)
+    extras: dict[str, tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
     @property
     def default_size(self) -> int:
-        """Pixels per side the model was trained at (latent sample_size times the VAE factor 8)."""
-        return int(self.unet["sample_size"]) * 8
+        """Pixels per side the model was trained at (latent sample_size times the VAE factor: 8, the x4 upscaler's 4)."""
+        return int(self.unet["sample_size"]) * 2 ** (len(self.vae["block_out_channels"]) - 1)
 
     @property
     def pad_token(self) -> str:
@@ -195,6 +198,41 @@ def _tiny_sdxl_unet(context: int, time_ids: int, **over: Any) -> dict[str, Any]:
     return cfg
 
 
+# stabilityai/stable-diffusion-x4-upscaler, reconstructed from its original config (Stability-AI/stablediffusion
+# configs/stable-diffusion/x4-upscaling.yaml) the way diffusers' converter maps it: v-prediction on a 0.0001..0.02
+# scaled-linear schedule (ldm's "linear"), the low-res image noised on the same schedule by a DDPMScheduler up to
+# max_noise_level 350, its noise level fed to the UNet as a class label (num_classes 1000), latents scaled by 0.08333.
+_X4_SCHEDULER = {**_SD_SCHEDULER, "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "v_prediction"}
+_X4_LOW_RES_SCHEDULER = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+                         "clip_sample": True, "variance_type": "fixed_small", "trained_betas": None}
+_X4_PIPELINE = {"max_noise_level": 350, "safety_checker": None, "feature_extractor": None, "watermarker": None}
+_OPEN_CLIP_H = {  # OpenCLIP ViT-H/14's text tower without its last layer (diffusers' SD 2.x text_encoder)
+    "vocab_size": 49408,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 23,
+    "max_position_embeddings": 77,
+    "projection_dim": 512,
+    "hidden_act": "gelu",
+}
+
+# stabilityai/stable-diffusion-2-depth's feature_extractor/preprocessor_config.json (DPTImageProcessor, 384 x 384, bilinear,
+# mean = std = 0.5), here at the toy depth estimator's 32 x 32; and a toy DPT (ViT, 8-pixel patches: a 64 x 64 depth map).
+_DPT_PROCESSOR = {"do_resize": True, "size": {"height": 32, "width": 32}, "resample": 2, "keep_aspect_ratio": False,
+                  "ensure_multiple_of": 1, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                  "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_pad": False}
+_TINY_DPT = {"image_size": 32, "patch_size": 8, "num_channels": 3, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "intermediate_size": 37, "backbone_out_indices": [0, 1, 2, 3], "neck_hidden_sizes": [8, 16, 32, 32],
+             "fusion_hidden_size": 16, "is_hybrid": False,
+             "initializer_range": 0.1}  # transformers' 0.02 makes the toy's depth ~1e-9 (ReLU head): 0.1 gives depth maps of ~1e-2
+
+# diffusers' own test configuration for StableUnCLIPImg2ImgPipeline (a 32-wide CLIP image encoder, 4-pixel patches
+# here), with stable-diffusion-2-1-unclip's squaredcos_cap_v2 image noising schedule and DDIM v-prediction sampler.
+_TINY_CLIP_VISION = {"hidden_size": 32, "projection_dim": 32, "num_hidden_layers": 5, "num_attention_heads": 4, "image_size": 32,
+                     "intermediate_size": 37, "patch_size": 4}
+_CLIP_PROCESSOR_32 = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -237,6 +275,72 @@ PRESETS: dict[str, Preset] = {
             text_encoders={"text_encoder": TextEncoder(_TINY_BERT, "[PAD]", kind="bert", tokenizer=_TAIYI_TOKENIZER)},
             scheduler_class="PNDMScheduler",
             scheduler=_SD_SCHEDULER,
+        ),
+        Preset(
+            name="tiny-upscaler",
+            description="x4-upscaler-shaped toy model: 7-channel UNet (latents + low-res image), noise-level class labels, 3-block VAE (x4)",
+            pipeline_class="StableDiffusionUpscalePipeline",
+            unet={"sample_size": 16, "in_channels": 7, "out_channels": 4, "block_out_channels": [32, 32, 64],
+                  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                  "only_cross_attention": [True, True, False], "layers_per_block": 1, "cross_attention_dim": 32,
+                  "attention_head_dim": 8, "use_linear_projection": True, "num_class_embeds": 1000, "norm_num_groups": 32},
+            vae={"block_out_channels": [16, 32, 32], "down_block_types": ["DownEncoderBlock2D"] * 3,
+                 "up_block_types": ["UpDecoderBlock2D"] * 3, "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8,
+                 "sample_size": 32, "scaling_factor": 0.08333},
+            text_encoders={"text_encoder": TextEncoder(_tiny_text("gelu"), "!")},
+            scheduler_class="DDIMScheduler",
+            scheduler=_X4_SCHEDULER,
+            pipeline=dict(_X4_PIPELINE),
+            extras={"low_res_scheduler": ("DDPMScheduler", _X4_LOW_RES_SCHEDULER)},
+        ),
+        Preset(
+            name="sd-x4-upscaler",
+            description="Stable Diffusion x4 upscaler architecture (UNet 473.4M, OpenCLIP-H text encoder 340.4M, VAE 55.3M)",
+            pipeline_class="StableDiffusionUpscalePipeline",
+            unet={  # x4-upscaling.yaml's unet_config through diffusers' create_unet_diffusers_config
+                "sample_size": 128, "in_channels": 7, "out_channels": 4, "block_out_channels": [256, 512, 512, 1024],
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                "only_cross_attention": [True, True, True, False], "layers_per_block": 2, "cross_attention_dim": 1024,
+                "attention_head_dim": 8, "use_linear_projection": True, "num_class_embeds": 1000, "norm_num_groups": 32,
+            },
+            vae={"block_out_channels": [128, 256, 512], "down_block_types": ["DownEncoderBlock2D"] * 3,
+                 "up_block_types": ["UpDecoderBlock2D"] * 3, "layers_per_block": 2, "latent_channels": 4, "norm_num_groups": 32,
+                 "sample_size": 256, "scaling_factor": 0.08333},
+            text_encoders={"text_encoder": TextEncoder(_OPEN_CLIP_H, "!")},
+            scheduler_class="DDIMScheduler",
+            scheduler=_X4_SCHEDULER,
+            pipeline=dict(_X4_PIPELINE),
+            extras={"low_res_scheduler": ("DDPMScheduler", _X4_LOW_RES_SCHEDULER)},
+        ),
+        Preset(
+            name="tiny-depth2img",
+            description="depth2img-shaped toy model: 5-channel UNet (latents + depth), SD2 text encoder, a toy DPT depth estimator",
+            pipeline_class="StableDiffusionDepth2ImgPipeline",
+            unet=_tiny_unet(in_channels=5, use_linear_projection=True, attention_head_dim=[2, 4]),
+            vae=_TINY_VAE,
+            text_encoders={"text_encoder": TextEncoder(_tiny_text("gelu"), "!")},
+            scheduler_class="PNDMScheduler",
+            scheduler=_SD_SCHEDULER,
+            pipeline={},
+            extras={"depth_estimator": ("DPTForDepthEstimation", _TINY_DPT), "feature_extractor": ("DPTImageProcessor", _DPT_PROCESSOR)},
+        ),
+        Preset(
+            name="tiny-unclip",
+            description="stable-unCLIP-shaped toy model: CLIP image encoder, embedding noise augmentation, UNet class conditioning",
+            pipeline_class="StableUnCLIPImg2ImgPipeline",
+            unet=_tiny_unet(class_embed_type="projection", projection_class_embeddings_input_dim=64, use_linear_projection=True,
+                            attention_head_dim=[2, 4], upcast_attention=True),
+            vae=_TINY_VAE,
+            text_encoders={"text_encoder": TextEncoder(_tiny_text("gelu"), "!")},
+            scheduler_class="DDIMScheduler",
+            scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
+            pipeline={},
+            extras={"image_encoder": ("CLIPVisionModelWithProjection", _TINY_CLIP_VISION),
+                    "feature_extractor": ("CLIPImageProcessor", _CLIP_PROCESSOR_32),
+                    "image_normalizer": ("StableUnCLIPImageNormalizer", {"embedding_dim": 32}),
+                    "image_noising_scheduler": ("DDPMScheduler", {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000})},
         ),
         Preset(
             name="sd15",
@@ -507,7 +611,34 @@ def build_components(preset: Preset, seed: int, device: str = "cpu") -> dict[str
             parts[name] = cls(transformers.CLIPTextConfig(**enc.config)).eval()
     # from_config keeps unknown keys in the saved config, as the real checkpoints have them
     parts["scheduler"] = getattr(diffusers, preset.scheduler_class).from_config(preset.scheduler)
+    for i, (name, (cls, config)) in enumerate(preset.extras.items()):
+        with torch.device(device):
+            parts[name] = _build_extra(cls, config, (seed + 10 + i) % 2**64)
     return parts
+
+
+def _build_extra(cls: str, config: dict[str, Any], seed: int) -> Any:
+    """One of a preset's further parts: a diffusers scheduler, a transformers image processor or model (random
+    weights), or unCLIP's image normalizer (random statistics: an identity normalizer would hide a missing one)."""
+    import torch
+
+    diffusers = require("diffusers", "export", "make-model")
+    transformers = require("transformers", "export", "make-model")
+    if cls.endswith("Scheduler"):
+        return getattr(diffusers, cls).from_config(config)
+    if cls.endswith("ImageProcessor"):
+        return getattr(transformers, cls)(**config)
+    torch.manual_seed(seed)
+    if cls == "StableUnCLIPImageNormalizer":
+        from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+
+        normalizer = StableUnCLIPImageNormalizer(**config)
+        with torch.no_grad():
+            normalizer.mean.normal_(0, 0.5)
+            normalizer.std.uniform_(0.5, 1.5)
+        return normalizer.eval()
+    configs = {"DPTForDepthEstimation": transformers.DPTConfig, "CLIPVisionModelWithProjection": transformers.CLIPVisionConfig}
+    return getattr(transformers, cls)(configs[cls](**config)).eval()
 
 
 def make_controlnet(preset: ControlNetPreset, out: Path, seed: int = 0, force: bool = False) -> Path:

@@ -8,7 +8,8 @@ widths, channels and extra inputs are concrete numbers; only the per-call dimens
   B2  UNet batch: 2B with classifier-free guidance ([uncond; cond], as diffusers orders it), B without
   T   text-encoder rows: prompts and negative prompts together (x chunks for long prompts)
   S   text tokens seen by the UNet: 77, or a multiple of 77 with long prompts
-  h,w latent size; H,W = 8h, 8w image size in pixels
+  h,w latent size; H,W = 8h, 8w image size in pixels (f·h, f·w for a VAE with f pixels per latent cell:
+      `ComponentSpec.latent_factor`, 4 for the x4 upscaler's)
   h/2, w/4, ...  the latent size after 1, 2, ... UNet down-samplings: ceil(h / 2^k) (a stride-2 conv
                  with padding 1 rounds up), e.g. ControlNet residuals
 """
@@ -65,6 +66,7 @@ class ComponentSpec:
     ids_range: tuple[int, int, int] = (0, 49406, 49407)  # (low, bos, eos) token ids for sample ids
     token_embedding: str | None = None  # a text encoder's token embedding (torch name), grown for Textual Inversion
     tolerances: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(TOLERANCES))
+    latent_factor: int = VAE_FACTOR  # pixels per latent cell (H = factor x h): the model's VAE's, 2^(down blocks - 1)
 
     @property
     def input_names(self) -> list[str]:
@@ -105,20 +107,21 @@ def resolve_sizes(spec: ComponentSpec, input_shapes: Mapping[str, tuple[int, ...
         for d, n in zip(t.dims, input_shapes[t.name]):
             if isinstance(d, str) and "/" not in d:
                 sizes[d] = int(n)
+    f = spec.latent_factor
     if "h" in sizes:
-        sizes.setdefault("H", sizes["h"] * VAE_FACTOR)
-        sizes.setdefault("W", sizes["w"] * VAE_FACTOR)
+        sizes.setdefault("H", sizes["h"] * f)
+        sizes.setdefault("W", sizes["w"] * f)
     if "H" in sizes:
-        sizes.setdefault("h", sizes["H"] // VAE_FACTOR)
-        sizes.setdefault("w", sizes["W"] // VAE_FACTOR)
+        sizes.setdefault("h", sizes["H"] // f)
+        sizes.setdefault("w", sizes["W"] // f)
     return sizes
 
 
 def sizes_for(batch: int, height: int, width: int, *, cfg: bool = True, text_rows: int | None = None,
-              seq: int = TEXT_LENGTH) -> dict[str, int]:
+              seq: int = TEXT_LENGTH, latent_factor: int = VAE_FACTOR) -> dict[str, int]:
     """Concrete values for every symbol, from what a user asks for."""
     return {"B": batch, "B2": 2 * batch if cfg else batch, "T": text_rows or (2 * batch if cfg else batch), "S": seq,
-            "h": height // VAE_FACTOR, "w": width // VAE_FACTOR, "H": height, "W": width}
+            "h": height // latent_factor, "w": width // latent_factor, "H": height, "W": width}
 
 
 def nearest_sizes(v: int) -> str:

@@ -38,12 +38,41 @@ def read_initializers(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
     found = {}
     for t in model.graph.initializer:
         if t.name in names:
-            found[t.name] = torch.from_numpy(numpy_helper.to_array(t, base_dir=str(path.parent)).copy())
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                found[t.name] = _external(t, path)
+            else:
+                found[t.name] = torch.from_numpy(numpy_helper.to_array(t).copy())
     missing = names - set(found)
     if missing:
         raise SdtrtError(f"{path} has no weight named {sorted(missing)[0]} ({len(missing)} missing).",
                          "re-export the model with this sdtrt (weights keep their torch names since sdtrt export format 2)")
     return found
+
+
+def _external(t, path: Path) -> torch.Tensor:
+    """One externally stored initializer, read here rather than by onnx's helper: that helper refuses data
+    files with several hard links (a guard for untrusted models), which an export copied with `cp -al` or
+    a deployment's hard-linked cache has. What the guard protects against is still checked: the file is a
+    plain name beside the graph, and the bytes asked for lie inside it."""
+    import numpy as np
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    info = {e.key: e.value for e in t.external_data}
+    location = info.get("location", "")
+    if not location or Path(location).name != location or location in (".", ".."):
+        raise SdtrtError(f"{path}: the weight {t.name} points at {location!r}, not a file beside the graph.",
+                         "re-export the model with sdtrt export")
+    data = path.parent / location
+    offset, dtype = int(info.get("offset", 0)), np.dtype(tensor_dtype_to_np_dtype(t.data_type))
+    count = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+    length = int(info.get("length", count * dtype.itemsize))
+    if length != count * dtype.itemsize or offset < 0 or offset + length > data.stat().st_size:
+        raise SdtrtError(f"{data} is shorter than its graph says ({t.name}: bytes {offset}..{offset + length}).",
+                         "re-export the model with sdtrt export (the file was truncated or replaced)")
+    with open(data, "rb") as f:
+        f.seek(offset)
+        array = np.frombuffer(f.read(length), dtype=dtype).reshape(tuple(t.dims)).copy()
+    return torch.from_numpy(array)
 
 
 def lora_from_dir(name: str, folder: Path | None) -> Path:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from .conditioning import ExtraChannels
 from .denoise import StepHook
 from .noise import randn
 from .schedulers import Scheduler
@@ -65,14 +66,8 @@ def inpaint(image: torch.Tensor, mask: torch.Tensor, shape: tuple[int, ...], sch
     return Inpaint(latents, BlendHook(small_mask, image_latents, noise, scheduler))
 
 
-class NineChannelHook(StepHook):
+class NineChannelHook(ExtraChannels):
     """An inpainting UNet sees [latents, mask, masked-image latents] as its input channels."""
-
-    def __init__(self, extra: torch.Tensor):
-        self.extra = extra
-
-    def unet_inputs(self, step, feeds) -> None:
-        feeds["sample"] = torch.cat([feeds["sample"], self.extra.to(feeds["sample"].dtype)], dim=1)
 
 
 class BlendHook(StepHook):

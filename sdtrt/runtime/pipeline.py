@@ -18,7 +18,6 @@ import torch
 
 from ..artifacts import ModelDir, open_model_dir
 from ..errors import OutOfMemory, SdtrtError
-from ..models.spec import VAE_FACTOR
 from . import backends, latents as start, schedulers, vae
 from .adapters import Adapters
 from .denoise import CallbackHook, CancelHook, ProgressHook, Step, StepHook, denoise
@@ -95,6 +94,21 @@ def _image_size(image, height: int | None, width: int | None, resize: bool) -> t
     return height, width
 
 
+class _Networks:
+    """The components as families' image conditioning calls them (`runtime.conditioning.Networks`)."""
+
+    def __init__(self, pipe: "Pipeline"):
+        self.pipe, self.device = pipe, pipe.device
+
+    def has(self, component: str) -> bool:
+        return component in self.pipe.backend.components()
+
+    def run(self, component: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        backend = self.pipe.backend
+        feeds = {k: v.to(device=self.device, dtype=backend.input_dtype(component, k)) for k, v in feeds.items()}
+        return {k: v.float() for k, v in self.pipe._run(component, feeds).items()}
+
+
 class _StampHook(StepHook):
     def __init__(self, clock: _Clock):
         self.clock = clock
@@ -136,19 +150,31 @@ class Pipeline:
         return next(iter(self.tokenizers.values()))
 
     @classmethod
-    def load(cls, path: Path | str, backend: str = "auto", **backend_options: Any) -> "Pipeline":
-        """Open an ONNX dir (backend 'onnxruntime') or an engine dir (backend 'tensorrt'); 'auto' picks."""
+    def load(cls, path: Path | str, backend: str = "auto", preload: str | None = None, **backend_options: Any) -> "Pipeline":
+        """Open an ONNX dir (backend 'onnxruntime') or an engine dir (backend 'tensorrt' / 'aoti'); 'auto' picks.
+        preload (ONNX Runtime): "default" creates the sessions txt2img needs now, "none" when the first request
+        that passed its checks needs them, "all" every one now."""
         model = open_model_dir(path)
-        return cls(model, backends.load(backend, model, **backend_options))
+        return cls(model, backends.load(backend, model, preload=preload, **backend_options))
 
     def set_loras(self, loras: Sequence[tuple[str | Path, float]], allow_pickle: bool = False) -> None:
         """Make exactly these (file, scale) LoRA / LyCORIS pairs active, without re-export: weights become
         base + Σ scale·ΔW (an empty list restores the export's). Files are checked before anything changes."""
+        if loras:
+            self._refuse_adapters("LoRA")
         self.adapters.set_loras(loras, allow_pickle)
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None, allow_pickle: bool = False) -> list[str]:
         """Add a Textual Inversion embedding (A1111, diffusers, kohya or SDXL layout); returns its tokens."""
+        self._refuse_adapters("Textual Inversion")
         return self.adapters.load_embedding(path, token, allow_pickle)
+
+    def _refuse_adapters(self, kind: str) -> None:
+        reason = self.family.adapter_refusal(self.config)
+        if reason:
+            raise SdtrtError(f"{kind} is not supported for {self.family.describe(self.config)} models: {reason}.",
+                             "merge it into the weights with diffusers (load_lora_weights + fuse_lora, or load_textual_inversion), "
+                             "save_pretrained, and export that folder")
 
     def close(self) -> None:
         closer = getattr(self.backend, "close", None)
@@ -160,7 +186,9 @@ class Pipeline:
     def __call__(self, prompt, negative_prompt=None, *, generator=None, progress: bool = True,
                  cancel: threading.Event | None = None, callback: Callable[[int, int], None] | None = None,
                  **params: Any) -> Result:
-        """txt2img; img2img with `image` (+ `strength`); inpainting with `image` and `mask_image`.
+        """txt2img; img2img with `image` (+ `strength`); inpainting with `image` and `mask_image`; for families
+        conditioned on an image, `image` is what they condition on (the x4 upscaler's low-res image, depth2img's
+        start image + `depth_map`, unCLIP's image to vary; + `noise_level`).
         Parameters are `sdtrt.Request`'s (diffusers' names); see there for each one."""
         unknown = sorted(set(params) - REQUEST_FIELDS)
         if unknown:
@@ -174,7 +202,9 @@ class Pipeline:
         clock = _Clock(self.device)
         started = clock.now()
         request = self.check(request, generator)
-        init_image, mask, request = self._inputs(request)
+        image_inputs = self.family.image_inputs(request, self.config)  # images the family conditions on (upscaler, depth, unCLIP)
+        init_image, mask, request = self._inputs(request, image_inputs)
+        self._prepare(request, init_image is not None)
         self._local.request = request
         if generator is None:
             seed = request.seed if request.seed is not None else secrets.randbits(32)
@@ -186,16 +216,24 @@ class Pipeline:
         conditioning = self.family.conditioning(_Text(self), request, self.config)
         self._check_finite("text_encoder", conditioning["encoder_hidden_states"])
         clock.add("text_encoder", clock.now() - t0)
+        image_hooks: list[StepHook] = []
+        if image_inputs is not None:  # drawn after the prompt and before the latents, as diffusers draws them
+            t0 = clock.now()
+            inputs, image_hooks = image_inputs.make(_Networks(self), request, generator)
+            conditioning.update(inputs)
+            clock.add("image_inputs", clock.now() - t0)
         unet_dtypes = {k: self.backend.input_dtype("unet", k) for k in conditioning}
         conditioning = {k: v.to(self.device, unet_dtypes[k]) for k, v in conditioning.items()}
         in_channels = self.model.specs["unet"].tensor("sample").dims[1]
+        factor = self.family.latent_factor(self.config)
         self.backend.check_shapes("unet", {"sample": (next(iter(conditioning.values())).shape[0], in_channels,
-                                                      request.height // VAE_FACTOR, request.width // VAE_FACTOR),
+                                                      request.height // factor, request.width // factor),
                                            **{k: tuple(v.shape) for k, v in conditioning.items()}})
 
         t0 = clock.now()
         latents, hooks = self._start(request, init_image, mask, sched, generator, in_channels)
-        hooks = [*self._controlnet(request, conditioning, clock), *hooks]  # ControlNets see the latents before an inpainting UNet's extra channels
+        # ControlNets see the latents before an inpainting UNet's (or an image-conditioned family's) extra channels
+        hooks = [*self._controlnet(request, conditioning, clock), *hooks, *image_hooks]
         clock.add("prepare", clock.now() - t0)
 
         hooks = list(hooks)
@@ -244,10 +282,11 @@ class Pipeline:
     def check(self, request: Request, generator=None) -> Request:
         """Validate `request` against this model (and the generator against the batch); every error names the fix."""
         request.check()
-        mode = "txt2img" if request.image is None else ("inpaint" if request.mask_image is not None else "img2img")
+        mode = self.family.mode(request)
         controlled = bool(request.controlnets) or request.control_image is not None
         unset = {k: v for k, v in self.family.defaults(mode, controlled).items() if getattr(request, k) is None}
         request = request.replace(**unset) if unset else request
+        self.family.check_fields(request, self.config)
         self.family.check_request(request, self.config)
         kmax = self.family.clip_skip_max(self.config)
         if request.clip_skip is not None and request.clip_skip > kmax:
@@ -257,10 +296,21 @@ class Pipeline:
             raise SdtrtError("both seed and generator were given.", "pass one of them")
         if isinstance(generator, (list, tuple)) and len(generator) not in (1, request.batch):
             raise SdtrtError(f"{len(generator)} generators for {request.batch} images.", "pass one generator per image, or a single one")
-        missing = set(self.family.default_components(self.config)) - self.backend.components()
+        missing = set(self.family.required_components(request, self.config)) - self.backend.components()
         if missing:
             raise SdtrtError(f"{self.model.root} lacks {', '.join(sorted(missing))}.", "export/build it with the default components")
         return request
+
+    def _prepare(self, request: Request, encodes_image: bool) -> None:
+        """Have the backend create, in parallel, the sessions this request will run that it has not made yet
+        (after every check: a refused request costs none). Backends without `prepare` load on their own."""
+        prepare = getattr(self.backend, "prepare", None)
+        if prepare is None:
+            return
+        needed = set(self.family.required_components(request, self.config)) | ({"vae_encoder"} if encodes_image else set())
+        if request.controlnets or request.control_image is not None:
+            needed |= {c for c in self.backend.components() if c.startswith("controlnet_")}
+        prepare(needed)
 
     def _check_finite(self, stage: str, x: torch.Tensor) -> None:
         if bool(torch.isfinite(x).all()):
@@ -301,17 +351,21 @@ class Pipeline:
                            f"the {e.component} ran out of memory at {r.width}x{r.height} with {r.batch} image(s) per call "
                            f"(the model's native size is {native[1]}x{native[0]}; {hint}).", f"pass {fix}", cli_fix=f"pass {cli_fix}")
 
-    def _inputs(self, request: Request):
-        """Load image and mask; resolve height/width (the image's, or the model's native size) and strength."""
+    def _inputs(self, request: Request, image_inputs=None):
+        """Load image and mask; resolve height/width (the image's, the size the family's image conditioning
+        implies, or the model's native size) and strength."""
         from .images import load_image, load_mask
 
         init = mask = None
         height, width = request.height, request.width
-        if request.image is not None:
+        factor = self.family.latent_factor(self.config)
+        if image_inputs is not None and image_inputs.size is not None and (height is None or width is None):
+            height, width = image_inputs.size
+        if request.image is not None and (image_inputs is None or image_inputs.starts_from_image):
             latent_channels = self.family.latent_channels(self.config)
             if isinstance(request.image, torch.Tensor) and request.image.dim() == 4 and request.image.shape[1] == latent_channels:
                 init = request.image.float().to(self.device)  # latents: a base model's hand-off
-                height, width = init.shape[2] * VAE_FACTOR, init.shape[3] * VAE_FACTOR
+                height, width = init.shape[2] * factor, init.shape[3] * factor
             else:
                 if "vae_encoder" not in self.backend.components():
                     wanted = ",".join([*self.model.files, "vae_encoder"])
@@ -401,7 +455,8 @@ class Pipeline:
         return sched, timesteps
 
     def _start(self, r: Request, init, mask, sched, generator, in_channels: int) -> tuple[torch.Tensor, list[StepHook]]:
-        shape = (r.batch, self.family.latent_channels(self.config), r.height // VAE_FACTOR, r.width // VAE_FACTOR)
+        factor = self.family.latent_factor(self.config)
+        shape = (r.batch, self.family.latent_channels(self.config), r.height // factor, r.width // factor)
         if init is None:
             return start.txt2img(shape, sched, generator, self.device), []
         if mask is not None:
@@ -435,7 +490,7 @@ class Pipeline:
             "negative_prompt": negatives[i // n] if negatives and r.cfg else None,
             "steps": r.steps, "sampler": schedulers.display_name(r.scheduler or self.default_scheduler),
             "guidance_scale": r.guidance_scale, "seed": r.seed, "height": r.height, "width": r.width,
-            "model_hash": self.model.model_hash, "clip_skip": r.clip_skip, "strength": r.strength,
+            "model_hash": self.model.model_hash, "clip_skip": r.clip_skip, "strength": r.strength, "noise_level": r.noise_level,
             "loras": [(Path(a.path).stem, a.sha256) for a, _ in self.adapters.loras],
             "embeddings": [(token, emb.sha256) for token, (emb, _) in self.adapters.embeddings.items()],
         } for i in range(r.batch)]

@@ -59,7 +59,8 @@ class Request:
     height: int | None = None  # default: the model's native size (or the input image's)
     width: int | None = None
     clip_skip: int | None = None
-    image: Any = None  # img2img / inpainting start: path, PIL image, [B,3,H,W] in [0,1], or latents [B,C,h,w]
+    image: Any = None  # img2img / inpainting start: path, PIL image, [B,3,H,W] in [0,1], or latents [B,C,h,w];
+    #                    the x4 upscaler's low-res image(s), depth2img's start image, unCLIP's image to vary (a list: one per prompt)
     mask_image: Any = None  # inpainting: white (1) repaints
     strength: float | None = None  # default: the family's (SD: 0.8 img2img, 1.0 inpainting; SDXL: 0.3, 0.9999)
     resize: bool = False  # resize image/mask to a multiple of 8 instead of refusing
@@ -83,6 +84,9 @@ class Request:
     control_guidance_start: float | Sequence[float] = 0.0  # fraction of the steps before a ControlNet starts
     control_guidance_end: float | Sequence[float] = 1.0  # fraction of the steps after which it stops
     guess_mode: bool = False  # ControlNet on the conditional half only, residuals ramped 0.1 -> 1 (diffusers)
+    # image-conditioned families (diffusers' names)
+    noise_level: int | None = None  # x4 upscaler: noise added to the low-res image (default 20, <= 350); unCLIP: to the image embedding (default 0)
+    depth_map: Any = None  # depth2img: [H,W] / [B,H,W] tensor or a grayscale image (larger = nearer); default: estimated from image
     # VAE memory (diffusers' vae.enable_tiling() / enable_slicing(); images equal diffusers' with the same switches)
     vae_tiling: bool = False  # decode (and encode) in overlapping, blended tiles: memory bounded by the tile, not the image
     vae_slicing: bool = False  # run the VAE one image at a time
@@ -196,6 +200,11 @@ class Request:
         if self.denoising_start is not None and self.denoising_end is not None and self.denoising_start >= self.denoising_end:
             raise InvalidRequest("denoising_start", self.denoising_start, f"is not below denoising_end={self.denoising_end}", 0.8)
         self._check_controlnet()
+        if self.noise_level is not None and (not _is_int(self.noise_level) or self.noise_level < 0):
+            raise InvalidRequest("noise_level", self.noise_level, "is not an integer >= 0", 20)
+        if self.depth_map is not None and self.image is None:
+            raise SdtrtError("a depth map was given without the image it belongs to.", "pass image= with depth_map=, or drop depth_map",
+                             cli_fix="pass the image with --depth-map, or drop --depth-map")
         for name in ("vae_tiling", "vae_slicing"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequest(name, getattr(self, name), "is not True or False", True)

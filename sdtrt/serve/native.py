@@ -1,8 +1,8 @@
 """POST /v1/images: sdtrt's own request type over HTTP. The JSON fields are `sdtrt.Request`'s (the Python
 API's names and meanings); images (`image`, `mask_image`, `control_image`) are base64 strings, never
 paths. A request for one image joins batches like any other; one that makes several images from one
-seed (several prompts or num_images_per_prompt > 1), or uses a ControlNet, runs as one call on its
-own, so every request gets exactly the images `Pipeline.run` gives for it."""
+seed (several prompts or num_images_per_prompt > 1), uses a ControlNet, or goes to a model conditioned on
+its image (x4 upscaler, depth2img, unCLIP) runs as one call on its own, so every request gets exactly the images `Pipeline.run` gives for it."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ from ..outputs import a1111_parameters
 from ..runtime.images import _target_size
 from ..runtime.request import InvalidRequest, Request
 from ..outputs import encode
+from ..models.families.base import Family
 from .codec import decode_image, mask_tensor, to_tensor
 from .errors import ApiError, bad_type, invalid
 from .jobs import Job, Row, RowResult
 from .service import reworded
 
 FIELDS = {f.name: f for f in dataclasses.fields(Request)}
-IMAGES = ("image", "mask_image", "control_image")
+IMAGES = ("image", "mask_image", "control_image", "depth_map")  # base64 in, never a path: nothing in a request names a file
 PAIRS = ("original_size", "target_size", "crops_coords_top_left", "negative_original_size", "negative_target_size",
          "negative_crops_coords_top_left")
 NAMES = {"images": "num_images_per_prompt"}
@@ -82,7 +83,9 @@ def _job(r: Request, body: dict, service) -> Plan:
     controlled = bool(r.controlnets) or r.control_image is not None
     if controlled and not service.pipe.family.controlnets(service.pipe.config):
         raise invalid("controlnet", "this model was exported without a ControlNet.", "leave controlnet and control_image out")
-    if r.batch > 1 or controlled:
+    # a family conditioned on the image (upscaler, depth2img, unCLIP) reads it whole, at its own size: run on its own
+    conditioned = type(service.pipe.family).image_inputs is not Family.image_inputs
+    if r.batch > 1 or controlled or conditioned:
         seed = r.seed if r.seed is not None else secrets.randbits(32)
         r = r.replace(seed=seed)
         job = service.prepare(r, [], NAMES, loras=loras, solo=r)

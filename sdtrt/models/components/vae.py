@@ -1,6 +1,7 @@
 """diffusers' AutoencoderKL, split into the two networks the runtime calls separately.
 
 vae_decoder: latent [B,L,h,w] (already unscaled by the runtime) -> images [B,3,H,W] in about [-1,1]
+             (H = f·h: f = 8 for SD/SDXL VAEs, 4 for the x4 upscaler's; `latent_factor`)
 vae_encoder: images [B,3,H,W] in [-1,1] -> latent_mean, latent_std [B,L,h,w] (before scaling)
 
 The encoder returns mean and std, and the runtime draws the sample itself, so the generator is
@@ -16,7 +17,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..spec import ComponentSpec, TensorSpec
+from ..spec import VAE_FACTOR, ComponentSpec, TensorSpec
+
+
+def latent_factor(config: Mapping[str, Any]) -> int:
+    """Pixels per latent cell, as diffusers' pipelines compute vae_scale_factor: 2^(down blocks - 1)
+    (8 for every SD/SDXL VAE, 4 for the x4 upscaler's three-block VAE)."""
+    blocks = config.get("block_out_channels")
+    return 2 ** (len(blocks) - 1) if blocks else VAE_FACTOR
 
 
 def decoder_spec(config: Mapping[str, Any]) -> ComponentSpec:
@@ -30,6 +38,7 @@ def decoder_spec(config: Mapping[str, Any]) -> ComponentSpec:
         prefix="vae.",
         load=lambda model_dir, allow_pickle: VaeDecoder(load(Path(model_dir), allow_pickle)),
         fp16=False,
+        latent_factor=latent_factor(config),
     )
 
 
@@ -44,6 +53,7 @@ def encoder_spec(config: Mapping[str, Any]) -> ComponentSpec:
         prefix="vae.",
         load=lambda model_dir, allow_pickle: VaeEncoder(load(Path(model_dir), allow_pickle)),
         fp16=False,
+        latent_factor=latent_factor(config),
     )
 
 

@@ -12,11 +12,14 @@ from typing import Any
 
 from ...errors import SdtrtError
 from .base import Family, read_json
+from .depth import Depth2Img
 from .sd import StableDiffusion
 from .sdxl import StableDiffusionXL
 from .taiyi import Taiyi
+from .unclip import UnCLIP
+from .upscale import Upscaler
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), Taiyi())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), StableDiffusionXL(), Taiyi(), Upscaler(), Depth2Img(), UnCLIP())}
 
 _UNSUPPORTED_HINTS = {
     "StableDiffusion3": "Stable Diffusion 3",
@@ -24,8 +27,6 @@ _UNSUPPORTED_HINTS = {
     "Kandinsky": "Kandinsky",
     "PixArt": "PixArt",
     "StableDiffusionControlNet": "a ControlNet pipeline",
-    "StableDiffusionUpscale": "the x4 upscaler",
-    "StableDiffusionDepth2Img": "depth2img",
 }
 
 

@@ -4,7 +4,10 @@
   sub-configs, verbatim) into a JSON-able dict, which `sdtrt export` stores in sdtrt.json;
 - `components(config)`: the networks it can export, each a `ComponentSpec`;
 - run time: `conditioning(text, request)` turns prompts into the UNet's extra inputs
-  (encoder_hidden_states, and e.g. SDXL's pooled text and time ids), batched [uncond; cond].
+  (encoder_hidden_states, and e.g. SDXL's pooled text and time ids), batched [uncond; cond];
+  `image_inputs(request)` turns the request's images into UNet inputs where the family conditions on
+  them (the x4 upscaler's low-res image, depth2img's depth map, unCLIP's image embedding), and says
+  whether `image` is also the start image (img2img) or only conditioning.
 
 Nothing here imports diffusers or transformers at module level: the runtime reads families too.
 """
@@ -18,6 +21,7 @@ from typing import Any, Mapping
 import torch
 
 from ...errors import SdtrtError
+from ...runtime.request import InvalidRequest
 from ..spec import VAE_FACTOR, ComponentSpec
 
 Config = Mapping[str, Any]
@@ -40,6 +44,18 @@ def text_encoder_class(index: Mapping[str, Any], encoder: str = "text_encoder") 
     """The class model_index.json names for a text encoder (["transformers", "BertModel"] -> "BertModel")."""
     entry = index.get(encoder)
     return str(entry[1]) if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None else None
+
+
+class LeaveOut(InvalidRequest):
+    """A request parameter a family cannot honour: the fix is to leave it out (on the command line: drop the flag)."""
+
+    def __init__(self, param: str, value: Any, expected: str):
+        super().__init__(param, value, expected, None)
+        self.fix = f"leave {param} out (None)"
+        self.args = (f"{self.problem}\n  fix: {self.fix}",)
+
+    def worded(self, name: str, example: str) -> SdtrtError:
+        return SdtrtError(f"{name} {self.value} {self.expected}.", f"drop {name}")
 
 
 class Family:
@@ -97,8 +113,14 @@ class Family:
         return encoder.replace("text_encoder", "tokenizer")
 
     def default_size(self, config: Config) -> tuple[int, int]:
-        side = int(config["unet"].get("sample_size", 64)) * VAE_FACTOR
+        side = int(config["unet"].get("sample_size", 64)) * self.latent_factor(config)
         return side, side
+
+    def latent_factor(self, config: Config) -> int:
+        """Pixels per latent cell: the VAE's (diffusers' vae_scale_factor), 8 for SD and SDXL."""
+        from ..components.vae import latent_factor
+
+        return latent_factor(config["vae"]) if "vae" in config else VAE_FACTOR
 
     def latent_channels(self, config: Config) -> int:
         return int(config["vae"].get("latent_channels", 4))
@@ -138,6 +160,30 @@ class Family:
     def defaults(self, mode: str, controlnet: bool = False) -> dict[str, float]:
         return {**self.DEFAULTS[mode], **(self.CONTROLNET_DEFAULTS[mode] if controlnet else {})}
 
+    def mode(self, request) -> str:
+        """Which of DEFAULTS applies: txt2img, img2img (image given) or inpaint (image and mask)."""
+        return "txt2img" if request.image is None else ("inpaint" if request.mask_image is not None else "img2img")
+
+    def required_components(self, request, config: Config) -> tuple[str, ...]:
+        """What a request needs loaded (checked before any work); by default what txt2img needs."""
+        return self.default_components(config)
+
+    # request fields only some families read (the x4 upscaler's and unCLIP's noise_level, depth2img's depth_map)
+    IMAGE_FIELDS = ("noise_level", "depth_map")
+    image_fields: tuple[str, ...] = ()  # those this family reads
+
+    def check_fields(self, request, config: Config) -> None:
+        """Refuse image-conditioning fields this family does not read, instead of ignoring them."""
+        for name in self.IMAGE_FIELDS:
+            value = getattr(request, name)
+            if value is not None and name not in self.image_fields:
+                shown = value if isinstance(value, (int, float, str)) else f"<{type(value).__name__}>"
+                raise LeaveOut(name, shown, f"is not used by {self.describe(config)} models")
+
+    def adapter_refusal(self, config: Config) -> str | None:
+        """Why LoRA / Textual Inversion cannot be used with this family, or None when they can."""
+        return None
+
     def clip_skip_max(self, config: Config) -> int:
         specs = self.components(config)
         return min(specs[e].tensor("skipped_embeddings").dims[1] for e in self.present_text_encoders(config))
@@ -155,3 +201,8 @@ class Family:
         """UNet inputs other than sample and timestep, batched [uncond; cond] when request.cfg and
         repeated per image (prompt-major), exactly as the family's diffusers pipeline builds them."""
         raise NotImplementedError
+
+    def image_inputs(self, request, config: Config):
+        """A `runtime.conditioning.ImageInputs` for families conditioned on the request's images (the
+        request's images loaded and checked); None (the default) where `image` is only a start image."""
+        return None

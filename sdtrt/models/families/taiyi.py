@@ -27,7 +27,7 @@ from ...errors import SdtrtError
 from ...runtime.request import InvalidRequest
 from ..components import bert_text, unet, vae
 from ..spec import ComponentSpec
-from .base import Config, read_json, text_encoder_class
+from .base import Config, LeaveOut as _LeaveOut, read_json, text_encoder_class
 from .sd import StableDiffusion
 
 BERT_CLASSES = ("BertModel",)
@@ -102,18 +102,6 @@ class Taiyi(StableDiffusion):
                                  f"is for CLIP's 77-token window; Taiyi's WordPiece tokenizer reads {self.text_length(config) - 2} "
                                  "tokens per prompt and diffusers gives (word:1.2) and [word] no meaning there", "plain",
                                  "brackets are then plain text, as in diffusers")
-
-
-class _LeaveOut(InvalidRequest):
-    """A parameter this family cannot honour: the fix is to leave it out (on the command line: drop the flag)."""
-
-    def __init__(self, param: str, value: Any, expected: str):
-        super().__init__(param, value, expected, None)
-        self.fix = f"leave {param} out (None)"
-        self.args = (f"{self.problem}\n  fix: {self.fix}",)
-
-    def worded(self, name: str, example: str) -> SdtrtError:
-        return SdtrtError(f"{name} {self.value} {self.expected}.", f"drop {name}")
 
 
 def _with_text_length(spec: ComponentSpec, length: int) -> ComponentSpec:

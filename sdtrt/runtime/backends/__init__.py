@@ -11,9 +11,13 @@ from .base import Backend
 BACKENDS = ("onnxruntime", "tensorrt", "aoti")
 
 
-def load(name: str, model: ModelDir, **options: Any) -> Backend:
+def load(name: str, model: ModelDir, preload: str | None = None, **options: Any) -> Backend:
+    """`preload` (ONNX Runtime: "default", "none", "all") says which sessions to create now; the engine
+    backends load what they load, so they ignore it."""
     if name == "auto":
         name = "onnxruntime" if model.kind != "engines" else ("aoti" if model.manifest.backend.name == "aoti" else "tensorrt")
+    if name == "onnxruntime" and preload is not None:
+        options["preload"] = preload
     if name == "onnxruntime":
         if model.kind == "engines":
             raise SdtrtError(f"{model.root} holds TensorRT engines, which ONNX Runtime cannot run.",

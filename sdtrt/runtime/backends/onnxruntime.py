@@ -4,9 +4,12 @@ Inputs are bound at their data_ptr and outputs are written into torch tensors al
 so no tensor goes through numpy. InferenceSession.run is thread-safe and each call makes its own
 binding and outputs, so one backend serves concurrent pipeline calls.
 
-Start-up: the sessions txt2img needs (text encoders, UNet, VAE decoder) are created at load, in
-parallel; the rest (VAE encoder, ControlNets, ...) on first use. Each session's optimized graph is
-cached per machine (ort_cache.py), so a restarted process skips the graph optimization.
+Start-up: by default the sessions of the family's default components (txt2img: text encoders, UNet,
+VAE decoder) are created at load, in parallel; the rest (VAE encoder, ControlNets, ...) when a request
+first needs them (`prepare`, called by the pipeline once a request has passed its checks, creates them
+in parallel too). `preload="none"` defers every session to the first request, so that a request the
+model refuses costs no session at all (the CLI does this). Each session's optimized graph is cached per
+machine (ort_cache.py), so a restarted process skips the graph optimization.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ...errors import OutOfMemory, SdtrtError, require
 from . import ort_cache
 from .base import TORCH_DTYPES
 
+PRELOAD = ("default", "none", "all")  # which sessions Backend() creates: the family's default components, none, every one
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
@@ -42,7 +46,7 @@ class OnnxRuntimeBackend:
     def __init__(self, model: ModelDir, device: str | torch.device | None = None, threads: int = 0,
                  inter_op_threads: int = 0, graph_optimization_level: str = "all", providers: list | None = None,
                  components: set[str] | None = None, session_config: Mapping[str, str] | None = None,
-                 optimized_cache: bool = True, lazy: bool = True):
+                 optimized_cache: bool = True, preload: str = "default"):
         ort = require("onnxruntime", "onnxruntime", "the onnxruntime backend")
         self.model = model
         try:
@@ -73,13 +77,21 @@ class OnnxRuntimeBackend:
         for name in self._available:
             spec, precision = self._specs[name], model.dtype(name)
             self._dtypes[name] = {t.name: TORCH_DTYPES[t.concrete_dtype(precision)] for t in spec.inputs + spec.outputs}
-        config = model.meta.config
-        txt2img = {*model.family.present_text_encoders(config), "unet", "vae_decoder"}
-        eager = [n for n in self._available if not lazy or n in txt2img]
-        # in parallel: ONNX Runtime releases the GIL while it optimizes and loads
-        with ThreadPoolExecutor(max_workers=max(1, len(eager))) as pool:
-            for name, session in zip(eager, pool.map(lambda n: self._session(n, {}), eager)):
-                self._sessions[name] = session
+        if preload not in PRELOAD:
+            raise SdtrtError(f"unknown preload {preload!r}.", f"use one of {', '.join(PRELOAD)}")
+        defaults = {n for n in model.family.default_components(model.meta.config) if not n.startswith("controlnet_")}
+        self.prepare({"default": defaults, "all": set(self._available), "none": set()}[preload])
+
+    def prepare(self, components) -> None:
+        """Create the sessions of these components that do not exist yet, in parallel (ONNX Runtime
+        releases the GIL while it optimizes and loads)."""
+        with self._lock:
+            todo = [n for n in self._available if n in set(components) and n not in self._sessions]
+            if not todo:
+                return
+            with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+                for name, session in zip(todo, pool.map(lambda n: self._session(n, {}), todo)):
+                    self._sessions[name] = session
 
     def _session_for(self, name: str):
         session = self._sessions.get(name)
@@ -127,12 +139,13 @@ class OnnxRuntimeBackend:
             try:
                 return ort.InferenceSession(str(optimized), fast, providers=providers)
             except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt below, never an error
-                pass
+                ort_cache.discard(cache_key)
         writing = ort_cache.writer(cache_key, path)
         if writing is None:
             return self._create(ort, path, opts, providers)
         with writing as tmp:
-            ort_cache.save_options(opts, tmp)
+            if tmp is not None:
+                ort_cache.save_options(opts, tmp)
             return self._create(ort, path, opts, providers)
 
     def _create(self, ort, path: Path, opts, providers):

@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -111,12 +112,29 @@ def writer(cache_key: str, source: Path):
 
 
 @contextlib.contextmanager
-def _writing(base: Path, cache_key: str, source: Path) -> Iterator[Path]:
-    from ...files import atomic_dir
+def _writing(base: Path, cache_key: str, source: Path) -> Iterator[Path | None]:
+    """Yield a hidden temporary folder beside the entry, then rename it into place. An entry already
+    there is kept (another process wrote the same graph; a reader may be loading it), so readers never
+    see an entry move. Caching never fails a load: any file-system error here means no entry."""
+    from ...files import PARTIAL, apply_umask, remove_abandoned
 
-    with atomic_dir(base / cache_key, force=True) as tmp:
+    remove_abandoned(base / cache_key)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache_key}.{os.getpid()}.", suffix=PARTIAL, dir=base))
+    except OSError:
+        yield None
+        return
+    try:
         yield tmp
         (tmp / SOURCE).write_text(json.dumps({"source": str(source)}))
+        apply_umask(tmp)
+        os.rename(tmp, base / cache_key)
+    except OSError as e:
+        if not (base / cache_key / MODEL).is_file():
+            log.warning("could not cache ONNX Runtime's optimized graph of %s: %s", source, e)
+        return
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     for entry in base.iterdir():
         if entry.name == cache_key or not entry.is_dir():
             continue
@@ -126,3 +144,16 @@ def _writing(base: Path, cache_key: str, source: Path) -> Iterator[Path]:
             continue  # being written, or not ours
         if other == source or not other.exists():
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def discard(cache_key: str) -> None:
+    """Remove an entry that would not load (damaged), so the next writer can put a whole one in its place."""
+    base = root()
+    if base is None or not (base / cache_key).is_dir():
+        return
+    from ...files import PARTIAL
+
+    aside = base / f".{cache_key}.{os.getpid()}.damaged{PARTIAL}"
+    with contextlib.suppress(OSError):
+        os.rename(base / cache_key, aside)
+    shutil.rmtree(aside, ignore_errors=True)

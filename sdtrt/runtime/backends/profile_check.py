@@ -32,7 +32,7 @@ def check_profile(spec: ComponentSpec, profile: Mapping[str, Any], shapes: Mappi
                 continue
             symbol, _, divisor = str(t.dims[axis]).partition("/")
             what, flag, scale = _USER_TERMS.get(symbol, (f"dimension {axis}", "the build flags", 1))
-            scale *= int(divisor or 1)
+            scale = (spec.latent_factor if symbol in ("h", "w") else scale) * int(divisor or 1)
             unit = " px" if flag in ("--height", "--width") else ""
             have = f"{lo * scale}-{hi * scale}{unit}"
             example = f"{flag} {-(-value // 77)}" if flag == "--max-prompt-chunks" else f"{flag} MIN:OPT:MAX"
