@@ -207,6 +207,31 @@ def test_generations_wait_their_turn_in_the_queue(client, server, monkeypatch):
     assert most[0] == 1, "two generations ran at once on one model"
 
 
+def test_stop_ends_the_users_run_after_a_step_and_frees_the_model(client, server, pipe):
+    stops = len(server.studio.stops)
+    job = client.submit(prompt="a fox", steps=150, seed=1, api_name="/txt2img")
+    deadline = time.monotonic() + 60
+    while not any(u.desc == "denoising" for u in (job.status().progress_data or [])):
+        assert time.monotonic() < deadline and not job.done(), "the run never started denoising"
+        time.sleep(0.005)
+    client.predict(api_name="/stop")
+    while len(server.studio.stops) == stops:  # the model's thread itself stopped, not only Gradio's task
+        assert time.monotonic() < deadline, "the run did not stop"
+        time.sleep(0.01)
+    done, total = server.studio.stops[-1]
+    assert 1 <= done < total == 151
+    # the model is free and the next run is whole
+    files = files_of(client.predict(prompt="a cat", steps=STEPS, seed=3, width=SIZE, height=SIZE, api_name="/txt2img"))
+    want = pipe("a cat", negative_prompt=None, steps=STEPS, seed=3, height=SIZE, width=SIZE, progress=False).images[0]
+    assert np.array_equal(pixels(files[0]), pixels(want))
+
+
+def test_stop_with_nothing_running_does_nothing(client, server):
+    stops = len(server.studio.stops)
+    client.predict(api_name="/stop")
+    assert len(server.studio.stops) == stops
+
+
 def test_progress_is_reported_for_every_denoising_step(server):
     from sdtrt.demo.app import _handler
 
@@ -374,7 +399,7 @@ def test_browser_random_seed_and_language_switch(page):
 def test_browser_inpainting_with_a_mask_painted_by_mouse(page, server, pipe, init_png, monkeypatch):
     requests = []
     generate = server.studio.generate
-    monkeypatch.setattr(server.studio, "generate", lambda request, progress=None: (requests.append(request), generate(request, progress))[1])
+    monkeypatch.setattr(server.studio, "generate", lambda request, progress=None, **kw: (requests.append(request), generate(request, progress, **kw))[1])
     page.locator("#tab_inpaint-button").click()
     with page.expect_file_chooser() as chooser:
         page.locator("#inpaint_editor").get_by_role("button", name="Upload", exact=True).click()

@@ -3,10 +3,11 @@
 Each Generate button builds one `sdtrt.Request` and runs it; the images are written by sdtrt's own
 writer (PNG with A1111's `parameters` chunk) and served as those files, so what a user downloads is
 byte for byte what sdtrt wrote. Events that run the model share one concurrency slot (one model, one
-run at a time; the queue tells each user their place). Errors in the request come back as a message
+run at a time; the queue tells each user their place). Stop ends the user's own run after the current
+denoising step (or takes a waiting one out of the queue), freeing the model for the next. Errors in the request come back as a message
 naming the field and a valid value, never a traceback.
 
-API endpoints (gradio_client): /txt2img, /img2img, /inpaint, /random_seed, /set_language.
+API endpoints (gradio_client): /txt2img, /img2img, /inpaint, /stop, /random_seed, /set_language.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +28,7 @@ import gradio as gr
 from ..errors import SdtrtError
 from ..outputs import a1111_parameters, plan
 from ..runtime import schedulers
+from ..runtime.denoise import Cancelled
 from ..runtime.request import InvalidRequest, Request
 from . import i18n
 
@@ -50,13 +53,40 @@ class Studio:
         self.has_encoder = "vae_encoder" in pipe.backend.components()
         self.sampler = schedulers.display_name(pipe.default_scheduler)
         self.defaults = {mode: {"guidance_scale": 7.5, "strength": 0.8, **pipe.family.defaults(mode)} for mode in MODES}
+        self._running: dict[str, threading.Event] = {}  # browser session -> its run's stop signal
+        self._lock = threading.Lock()
+        self.stops: list[tuple[int, int]] = []  # (step, total) where runs were stopped, for the log and tests
 
-    def generate(self, request: Request, progress: Callable[[int, int], None] | None = None) -> tuple[list[Path], list[str], int]:
-        """Run `request`; returns the PNG paths (numbered in outdir), their parameters text and the seed used."""
-        result = self.pipe.run(request, progress=False, callback=progress)
+    def generate(self, request: Request, progress: Callable[[int, int], None] | None = None,
+                 session: str | None = None) -> tuple[list[Path], list[str], int]:
+        """Run `request`; returns the PNG paths (numbered in outdir), their parameters text and the seed used.
+        `stop(session)` ends it after the current step (raising runtime.denoise.Cancelled)."""
+        cancel = threading.Event()
+        if session is not None:
+            with self._lock:
+                self._running[session] = cancel
+        try:
+            result = self.pipe.run(request, progress=False, callback=progress, cancel=cancel)
+        except Cancelled as e:
+            self.stops.append((e.done, e.total))
+            raise
+        finally:
+            if session is not None:
+                with self._lock:
+                    if self._running.get(session) is cancel:
+                        del self._running[session]
         texts = [a1111_parameters(p) for p in result.parameters]
         paths = plan(str(self.outdir) + "/", len(result.images)).write(result.images, texts)
         return paths, texts, result.seed
+
+
+    def stop(self, session: str) -> bool:
+        """Signal the run of this browser session, if one is running; True when there was one."""
+        with self._lock:
+            cancel = self._running.get(session)
+        if cancel is not None:
+            cancel.set()
+        return cancel is not None
 
 
 def request_from_fields(mode: str, prompt: str, negative_prompt: str, sampler: str, steps: int, cfg_scale: float, seed: int,
@@ -194,6 +224,7 @@ def _tab(mode: str, studio: Studio, lang: str, labels: _Labels, language, last_s
                                              elem_id=f"{mode}_negative_prompt"), label="negative_prompt", placeholder="negative_placeholder")
         with gr.Column(scale=1, min_width=140):
             generate = labels.add(gr.Button(t("generate"), variant="primary", size="lg", elem_id=f"{mode}_generate"), value="generate")
+            stop = labels.add(gr.Button(t("stop"), variant="stop", size="sm", elem_id=f"{mode}_stop"), value="stop")
     with gr.Row():
         with gr.Column():
             inputs_extra = []
@@ -240,8 +271,15 @@ def _tab(mode: str, studio: Studio, lang: str, labels: _Labels, language, last_s
             info = labels.add(gr.Textbox(label=t("info"), lines=4, interactive=False, buttons=["copy"], elem_id=f"{mode}_info"), label="info")
 
     run = _handler(mode, studio)
-    generate.click(run, inputs=[prompt, negative, sampler, steps, cfg, seed, width, height, images, *strength, *inputs_extra, language],
-                   outputs=[gallery, files, info, last_seed], api_name=mode, concurrency_id=PIPELINE, concurrency_limit=1)
+    running = generate.click(run, inputs=[prompt, negative, sampler, steps, cfg, seed, width, height, images, *strength, *inputs_extra, language],
+                             outputs=[gallery, files, info, last_seed], api_name=mode, concurrency_id=PIPELINE, concurrency_limit=1)
+
+    def stop_run(request: gr.Request) -> None:
+        studio.stop(request.session_hash)  # the run stops after its current step; Gradio drops a waiting one
+
+    # Gradio's cancel alone would leave the model running in its worker thread: the event stops it
+    stop.click(stop_run, api_name="stop" if mode == "txt2img" else f"stop_{mode}", api_visibility="public" if mode == "txt2img" else "private",
+               concurrency_limit=None, queue=False, cancels=[running])
     dice.click(random_seed, outputs=[seed], api_name="random_seed" if mode == "txt2img" else f"random_seed_{mode}",
                api_visibility="public" if mode == "txt2img" else "private", concurrency_limit=None, queue=False)
     reuse.click(lambda s: s, inputs=[last_seed], outputs=[seed], api_visibility="private", concurrency_limit=None, queue=False)
@@ -251,7 +289,7 @@ def _tab(mode: str, studio: Studio, lang: str, labels: _Labels, language, last_s
 def _handler(mode: str, studio: Studio):
     """The function behind a Generate button; its parameter names are the API's."""
 
-    def run(mode_fields: dict, lang: str, progress: gr.Progress):
+    def run(mode_fields: dict, lang: str, progress: gr.Progress, session: str | None):
         image = mask = None
         if mode == "img2img":
             image = mode_fields.pop("image")
@@ -273,7 +311,9 @@ def _handler(mode: str, studio: Studio):
 
         try:
             request = request_from_fields(mode, image=image, mask=mask, **mode_fields)
-            paths, texts, seed = studio.generate(request, step)
+            paths, texts, seed = studio.generate(request, step, session=session)
+        except Cancelled as e:
+            raise gr.Error(i18n.text(lang, "stopped", done=e.done, total=e.total), title="sdtrt", print_exception=False) from None
         except SdtrtError as e:
             raise user_error(e, lang) from None
         except Exception as e:  # a bug or the environment: the log gets the traceback, the user one line
@@ -285,27 +325,31 @@ def _handler(mode: str, studio: Studio):
     if mode == "txt2img":
         def txt2img(prompt: str, negative_prompt: str = "", sampler: str | None = None, steps: int = 20, cfg_scale: float | None = None,
                     seed: int = -1, width: int | None = None, height: int | None = None, images: int = 1, lang: str = "en",
-                    progress=gr.Progress()):
+                    progress=gr.Progress(), request: gr.Request = None):
             fields = dict(prompt=prompt, negative_prompt=negative_prompt, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
                           width=width, height=height, images=images)
-            return run(fields, lang, progress)
+            return run(fields, lang, progress, _session(request))
         return txt2img
     if mode == "img2img":
         def img2img(prompt: str, negative_prompt: str = "", sampler: str | None = None, steps: int = 20, cfg_scale: float | None = None,
                     seed: int = -1, width: int | None = None, height: int | None = None, images: int = 1, strength: float | None = None,
-                    image=None, lang: str = "en", progress=gr.Progress()):
+                    image=None, lang: str = "en", progress=gr.Progress(), request: gr.Request = None):
             fields = dict(prompt=prompt, negative_prompt=negative_prompt, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
                           width=width, height=height, images=images, strength=strength, image=image)
-            return run(fields, lang, progress)
+            return run(fields, lang, progress, _session(request))
         return img2img
 
     def inpaint(prompt: str, negative_prompt: str = "", sampler: str | None = None, steps: int = 20, cfg_scale: float | None = None,
                 seed: int = -1, width: int | None = None, height: int | None = None, images: int = 1, strength: float | None = None,
-                image=None, mask=None, lang: str = "en", progress=gr.Progress()):
+                image=None, mask=None, lang: str = "en", progress=gr.Progress(), request: gr.Request = None):
         fields = dict(prompt=prompt, negative_prompt=negative_prompt, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
                       width=width, height=height, images=images, strength=strength, image=image, mask=mask)
-        return run(fields, lang, progress)
+        return run(fields, lang, progress, _session(request))
     return inpaint
+
+
+def _session(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None) if request is not None else None
 
 
 # --- serving ---------------------------------------------------------------------------------------

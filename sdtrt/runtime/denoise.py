@@ -49,6 +49,7 @@ class StepHook:
 class Cancelled(SdtrtError):
     def __init__(self, step: int, total: int):
         super().__init__(f"cancelled after {step} of {total} denoising steps.", "nothing to fix: the request was cancelled")
+        self.done, self.total = step, total
 
 
 class CancelHook(StepHook):
