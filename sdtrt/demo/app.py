@@ -3,8 +3,8 @@
 Each Generate button builds one `sdtrt.Request` and runs it; the images are written by sdtrt's own
 writer (PNG with A1111's `parameters` chunk) and served as those files, so what a user downloads is
 byte for byte what sdtrt wrote. Events that run the model share one concurrency slot (one model, one
-run at a time; the queue tells each user their place). Stop ends the user's own run after the current
-denoising step (or takes a waiting one out of the queue), freeing the model for the next. Errors in the request come back as a message
+run at a time; the queue tells each user their place). Stop ends the user's own running generation after
+the current denoising step, says so, and frees the model for the next. Errors in the request come back as a message
 naming the field and a valid value, never a traceback.
 
 API endpoints (gradio_client): /txt2img, /img2img, /inpaint, /stop, /random_seed, /set_language.
@@ -271,15 +271,15 @@ def _tab(mode: str, studio: Studio, lang: str, labels: _Labels, language, last_s
             info = labels.add(gr.Textbox(label=t("info"), lines=4, interactive=False, buttons=["copy"], elem_id=f"{mode}_info"), label="info")
 
     run = _handler(mode, studio)
-    running = generate.click(run, inputs=[prompt, negative, sampler, steps, cfg, seed, width, height, images, *strength, *inputs_extra, language],
-                             outputs=[gallery, files, info, last_seed], api_name=mode, concurrency_id=PIPELINE, concurrency_limit=1)
+    generate.click(run, inputs=[prompt, negative, sampler, steps, cfg, seed, width, height, images, *strength, *inputs_extra, language],
+                   outputs=[gallery, files, info, last_seed], api_name=mode, concurrency_id=PIPELINE, concurrency_limit=1)
 
     def stop_run(request: gr.Request) -> None:
-        studio.stop(request.session_hash)  # the run stops after its current step; Gradio drops a waiting one
+        studio.stop(request.session_hash)  # the run stops after its current step and says so
 
-    # Gradio's cancel alone would leave the model running in its worker thread: the event stops it
+    # not Gradio's `cancels`: it would drop the event while the model kept running in its worker thread
     stop.click(stop_run, api_name="stop" if mode == "txt2img" else f"stop_{mode}", api_visibility="public" if mode == "txt2img" else "private",
-               concurrency_limit=None, queue=False, cancels=[running])
+               concurrency_limit=None, queue=False)
     dice.click(random_seed, outputs=[seed], api_name="random_seed" if mode == "txt2img" else f"random_seed_{mode}",
                api_visibility="public" if mode == "txt2img" else "private", concurrency_limit=None, queue=False)
     reuse.click(lambda s: s, inputs=[last_seed], outputs=[seed], api_visibility="private", concurrency_limit=None, queue=False)
