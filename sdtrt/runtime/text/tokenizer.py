@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import re
 import unicodedata
 from pathlib import Path
 
-import torch
-
 from .cleaning import WHITESPACE, clean
+from .rows import FixedLengthRows
 
-log = logging.getLogger("sdtrt")
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _SPECIAL_LITERALS = (BOS, EOS)
@@ -103,7 +100,7 @@ def _byte_chars() -> list[str]:
 _BYTE_CHARS = _byte_chars()
 
 
-class CLIPTokenizer:
+class CLIPTokenizer(FixedLengthRows):
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = EOS,
                  added_tokens: dict[str, dict] | None = None, max_length: int = 77):
         self.vocab = vocab
@@ -212,25 +209,8 @@ class CLIPTokenizer:
                     ids.extend(self._bpe(word))
         return ids
 
-    def encode(self, prompts: list[str] | str) -> torch.Tensor:
-        """LongTensor [B, 77]: bos, up to 75 ids, eos, then padding - as diffusers tokenizes prompts."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        room = self.max_length - 2
-        rows = []
-        for p in prompts:
-            ids = self.token_ids(p)
-            if len(ids) > room:
-                log.warning("%s", self._truncation_message(len(ids), self.decode(ids[room:])))
-                ids = ids[:room]
-            row = [self.bos_id, *ids, self.eos_id]
-            rows.append(row + [self.pad_id] * (self.max_length - len(row)))
-        return torch.tensor(rows, dtype=torch.long)
-
     def _truncation_message(self, n_tokens: int, dropped: str) -> str:
         """One line, whatever the prompt's length: diffusers' warning repeats all the dropped text."""
-        dropped = " ".join(dropped.split())
-        if len(dropped) > 40:
-            dropped = dropped[:40].rstrip() + "…"
         return (f"prompt has {n_tokens} tokens but CLIP takes {self.max_length - 2}; dropped {dropped!r}. "
                 f'For long prompts use prompt_syntax="a1111" (CLI: --prompt-syntax a1111)')
 

@@ -27,15 +27,13 @@ BertTokenizerFast (Rust) lower-cases whole words and skips the NFC step, so it c
 from __future__ import annotations
 
 import json
-import logging
 import re
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import torch
+from .rows import FixedLengthRows
 
-log = logging.getLogger("sdtrt")
 
 VOCAB_FILE = "vocab.txt"
 MAX_WORD_CHARS = 100  # transformers' WordpieceTokenizer.max_input_chars_per_word
@@ -77,7 +75,7 @@ def _content(token: Any) -> str:
     return token["content"] if isinstance(token, dict) else str(token)
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(FixedLengthRows):
     """`encode(prompts) -> LongTensor[B, L]`, L = the tokenizer's model_max_length (512 for Taiyi)."""
 
     def __init__(self, vocab: Mapping[str, int], *, do_lower_case: bool = True, strip_accents: bool | None = None,
@@ -251,24 +249,7 @@ class WordPieceTokenizer:
                     ids.extend((self._id(word),) if word in self.never_split else self._wordpiece(word))
         return ids
 
-    def encode(self, prompts: list[str] | str) -> torch.Tensor:
-        """LongTensor [B, L]: [CLS], up to L-2 ids, [SEP], then [PAD] - as diffusers tokenizes prompts."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        room = self.max_length - 2
-        rows = []
-        for p in prompts:
-            ids = self.token_ids(p)
-            if len(ids) > room:
-                log.warning("%s", self._truncation_message(len(ids), self.decode(ids[room:])))
-                ids = ids[:room]
-            row = [self.bos_id, *ids, self.eos_id]
-            rows.append(row + [self.pad_id] * (self.max_length - len(row)))
-        return torch.tensor(rows, dtype=torch.long)
-
     def _truncation_message(self, n_tokens: int, dropped: str) -> str:
-        dropped = " ".join(dropped.split())
-        if len(dropped) > 40:
-            dropped = dropped[:40].rstrip() + "…"
         return (f"prompt has {n_tokens} tokens but this BERT text encoder takes {self.max_length - 2}; dropped {dropped!r} "
                 "(diffusers truncates the same way). Shorten the prompt to keep it all")
 
