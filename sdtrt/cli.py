@@ -537,7 +537,7 @@ def _adapter_list(a: argparse.Namespace, prompts: list[str]) -> tuple[list[str],
     """--lora files plus, with --prompt-syntax a1111, the prompts' <lora:NAME:SCALE> tags (removed from
     the text, as A1111 does); the tags resolve only inside --lora-dir."""
     from .runtime.adapters import lora_from_dir
-    from .runtime.text.prompt_weights import lora_tags
+    from .runtime.text.prompt_weights import lora_scale, lora_tags
 
     loras = list(a.lora)
     if a.prompt_syntax != "a1111":
@@ -547,13 +547,7 @@ def _adapter_list(a: argparse.Namespace, prompts: list[str]) -> tuple[list[str],
         text, tags = lora_tags(prompt)
         cleaned.append(text)
         for name, scale in tags:
-            try:
-                value = float(scale)
-            except ValueError:
-                value = float("nan")
-            if not math.isfinite(value):
-                raise SdtrtError(f"<lora:{name}:{scale}>: the scale is not a number.", cli_fix=f"write <lora:{name}:0.8>")
-            loras.append((lora_from_dir(name, a.lora_dir), value))
+            loras.append((lora_from_dir(name, a.lora_dir), lora_scale(name, scale)))
     return cleaned, loras
 
 

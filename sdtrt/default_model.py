@@ -16,9 +16,6 @@ PRESET, SEED = "tiny", 0
 
 def default_onnx_dir(log=print) -> Path:
     """cache/default/<key>/onnx, created on first use (tiny preset -> fp32 export); seconds on a CPU."""
-    from .artifacts import open_model_dir
-    from .errors import SdtrtError
-    from .export import export_model
     from .export.source import inspect_source, weights_sha256
     from .models.presets import make_model
 
@@ -29,11 +26,21 @@ def default_onnx_dir(log=print) -> Path:
         make_model(PRESET, model_dir, seed=SEED, force=True)
     src = inspect_source(model_dir)
     weights = weights_sha256(src.weight_files, src.path)
+    return exported_once(model_dir, onnx_dir, weights, lambda: log(f"exporting it to ONNX in {onnx_dir} (once)"))
+
+
+def exported_once(model_dir: Path, onnx_dir: Path, weights: str, announce, **export_options) -> Path:
+    """`onnx_dir` if it was exported from these weights (sha256); otherwise exported now, replacing whatever
+    is there (missing, damaged, from other weights or another sdtrt), after `announce()`."""
+    from .artifacts import open_model_dir
+    from .errors import SdtrtError
+    from .export import export_model
+
     try:
         if open_model_dir(onnx_dir).meta.source.sha256 == weights:
             return onnx_dir
     except SdtrtError:
-        pass  # missing, damaged, or from another sdtrt: export again
-    log(f"exporting it to ONNX in {onnx_dir} (once)")
-    export_model(model_dir, onnx_dir, force=True, show_progress=False, log=lambda *_: None)
+        pass
+    announce()
+    export_model(model_dir, onnx_dir, force=True, show_progress=False, log=lambda *_: None, **export_options)
     return onnx_dir

@@ -23,21 +23,13 @@ def default_model_dir(log=print) -> Path:
     none, and image to image and inpainting need it): cache/default/<key>/onnx-demo, made once and reused while
     it comes from the same weights as the default export."""
     from ..artifacts import open_model_dir
-    from ..default_model import default_onnx_dir
-    from ..errors import SdtrtError
-    from ..export import export_model
+    from ..default_model import default_onnx_dir, exported_once
 
     base = default_onnx_dir(log=log)
-    weights = open_model_dir(base).meta.source.sha256
     onnx = base.parent / "onnx-demo"
-    try:
-        if open_model_dir(onnx).meta.source.sha256 == weights:
-            return onnx
-    except SdtrtError:
-        pass  # missing, damaged, or from other weights: export again
-    log(f"exporting it with a VAE encoder (image to image, inpainting) to {onnx} (once)")
-    export_model(base.parent / "model", onnx, components=COMPONENTS, force=True, show_progress=False, log=lambda *_: None)
-    return onnx
+    return exported_once(base.parent / "model", onnx, open_model_dir(base).meta.source.sha256,
+                         lambda: log(f"exporting it with a VAE encoder (image to image, inpainting) to {onnx} (once)"),
+                         components=COMPONENTS)
 
 
 def run(model_dir: Path | None, *, host: str, port: int, share: bool, lang: str | None, outdir: Path | None,

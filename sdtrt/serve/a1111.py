@@ -31,7 +31,7 @@ from ..outputs import a1111_parameters
 from ..runtime import schedulers
 from ..runtime.adapters import lora_from_dir
 from ..runtime.request import MAX_SEED, Request
-from ..runtime.text.prompt_weights import lora_tags
+from ..runtime.text.prompt_weights import lora_scale, lora_tags
 from . import fields as F
 from .codec import decode_image, mask_tensor, png_base64, to_tensor
 from .errors import ApiError, bad_type, invalid, unsupported
@@ -274,11 +274,9 @@ def _loras(prompt: str, service, disabled: bool) -> tuple[str, tuple]:
     loras = []
     for name, scale in tags:
         try:
-            value = float(scale)
-        except ValueError:
-            value = float("nan")
-        if not math.isfinite(value):
-            raise invalid("prompt", f"<lora:{name}:{scale}>: the scale is not a number.", f"write <lora:{name}:0.8>")
+            value = lora_scale(name, scale)
+        except SdtrtError as e:
+            raise invalid("prompt", e.problem, e.fix) from None
         try:
             path = lora_from_dir(name, service.settings.lora_dir)
         except SdtrtError as e:

@@ -144,3 +144,18 @@ def lora_tags(prompt: str) -> tuple[str, list[tuple[str, str]]]:
     A1111 removes the tags from the text the encoder sees; a missing scale means 1."""
     tags = [(m.group(1).strip(), (m.group(2) or "1").strip()) for m in _LORA_TAG.finditer(prompt)]
     return _LORA_TAG.sub("", prompt), tags
+
+
+def lora_scale(name: str, scale: str) -> float:
+    """A tag's SCALE text as a number; anything else (words, nan, inf) is refused naming the tag."""
+    import math
+
+    from ...errors import SdtrtError
+
+    try:
+        value = float(scale)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise SdtrtError(f"<lora:{name}:{scale}>: the scale is not a number.", f"write <lora:{name}:0.8>")
+    return value
