@@ -4,6 +4,7 @@ its text encoders: a start id, the prompt's ids cut to fit, an end id, padding."
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
@@ -11,12 +12,14 @@ log = logging.getLogger("sdtrt")
 
 
 class FixedLengthRows:
-    """Base of the tokenizers: subclasses give `token_ids`, `decode`, `_truncation_message` and the ids below."""
+    """Base of the tokenizers: subclasses give `token_ids`, `decode`, `_truncation_message` and the fields below."""
 
     max_length: int
     bos_id: int
     eos_id: int
     pad_id: int
+    added: dict[str, tuple[int, bool, bool]]  # added token -> (id, lstrip, rstrip)
+    _added_re: re.Pattern  # matches any added token, longest first
 
     def token_ids(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -26,6 +29,24 @@ class FixedLengthRows:
 
     def _truncation_message(self, n_tokens: int, dropped: str) -> str:
         raise NotImplementedError
+
+    def _split_added(self, text: str) -> list[tuple[str, int | None]]:
+        """Cut the text at added tokens (as transformers' trie does); (chunk, id or None)."""
+        out: list[tuple[str, int | None]] = []
+        start = 0
+        for m in self._added_re.finditer(text):
+            if m.start() < start:  # inside whitespace an rstrip token already consumed
+                continue
+            tid, lstrip, rstrip = self.added[m.group(0)]
+            left = text[start : m.start()]
+            out.append((left.rstrip() if lstrip else left, None))
+            out.append((m.group(0), tid))
+            start = m.end()
+            if rstrip:
+                while start < len(text) and text[start].isspace():
+                    start += 1
+        out.append((text[start:], None))
+        return [(c, t) for c, t in out if c or t is not None]
 
     def encode(self, prompts: list[str] | str) -> torch.Tensor:
         """LongTensor [B, max_length]: start id, up to max_length - 2 ids, end id, then padding."""

@@ -143,23 +143,6 @@ class WordPieceTokenizer(FixedLengthRows):
 
     # --- text -> ids ---------------------------------------------------------------------------
 
-    def _split_added(self, text: str) -> list[tuple[str, int | None]]:
-        out: list[tuple[str, int | None]] = []
-        start = 0
-        for m in self._added_re.finditer(text):
-            if m.start() < start:  # inside whitespace an rstrip token already consumed
-                continue
-            tid, lstrip, rstrip = self.added[m.group(0)]
-            left = text[start : m.start()]
-            out.append((left.rstrip() if lstrip else left, None))
-            out.append((m.group(0), tid))
-            start = m.end()
-            if rstrip:
-                while start < len(text) and text[start].isspace():
-                    start += 1
-        out.append((text[start:], None))
-        return [(c, t) for c, t in out if c or t is not None]
-
     def basic_words(self, text: str) -> list[str]:
         """transformers' BasicTokenizer.tokenize (never_split = the config's list and the special tokens)."""
         never = self.never_split | set(self.special_strings)
