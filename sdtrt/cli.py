@@ -237,6 +237,30 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+def _add_backend_flags(p: argparse.ArgumentParser) -> None:
+    """--backend / --device / --threads, the same for every command that runs a model."""
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "aoti"], help="auto: by directory kind")
+    p.add_argument("--device", type=device, help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
+    p.add_argument("--threads", type=threads, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+
+
+def _backend_options(a: argparse.Namespace) -> dict:
+    """Pipeline.load options from those flags (TensorRT takes no thread count)."""
+    options = {"threads": a.threads} if a.backend != "tensorrt" and a.threads else {}
+    if a.device:
+        options["device"] = a.device
+    return options
+
+
+def _add_image_output_flags(p: argparse.ArgumentParser) -> None:
+    """Where and how images are written: --out, --format, --quality, --force, --no-progress."""
+    p.add_argument("--out", default="outputs/", help="image path (.png, .jpg, .webp), or a folder ending in / for numbered images")
+    p.add_argument("--format", choices=["png", "jpg", "webp"], help="file format for a folder --out (default png; a file's suffix decides otherwise)")
+    p.add_argument("--quality", type=quality, default=95, help="JPEG/WebP quality 1-100")
+    p.add_argument("--force", action="store_true", help="replace existing image files named by --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _add(sub, name: str, help: str, description: str, examples: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=textwrap.dedent(description),
                           epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
@@ -436,14 +460,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode (and encode) in overlapping, blended tiles: large images in the memory of one tile (diffusers' vae.enable_tiling())")
     p.add_argument("--vae-slicing", action="store_true", help="run the VAE one image at a time (diffusers' vae.enable_slicing())")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "aoti"], help="auto: by directory kind")
-    p.add_argument("--device", type=device, help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
-    p.add_argument("--threads", type=threads, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
-    p.add_argument("--out", default="outputs/", help="image path (.png, .jpg, .webp), or a folder ending in / for numbered images")
-    p.add_argument("--format", choices=["png", "jpg", "webp"], help="file format for a folder --out (default png; a file's suffix decides otherwise)")
-    p.add_argument("--quality", type=quality, default=95, help="JPEG/WebP quality 1-100")
-    p.add_argument("--force", action="store_true", help="replace existing image files named by --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_backend_flags(p)
+    _add_image_output_flags(p)
     p.set_defaults(run=_run_generate)
 
 
@@ -576,9 +594,7 @@ def _run_generate(a: argparse.Namespace) -> None:
     outputs = plan(a.out, request.batch, a.force, a.format)
     model = a.model or default_onnx_dir(log=lambda m: print(m, file=sys.stderr))
     _check_scheduler(model, request)
-    options = {"threads": a.threads} if a.backend != "tensorrt" and a.threads else {}
-    if a.device:
-        options["device"] = a.device
+    options = _backend_options(a)
     # sessions are made once the request has passed the model's checks: a refused one costs none
     pipe = Pipeline.load(model, backend=a.backend, preload="none", **options)
     for path, token in a.embedding:
@@ -653,14 +669,8 @@ def _upscale_parser(sub) -> None:
     p.add_argument("--resize", action="store_true", help="floor each image to a multiple of 4 (bicubic) instead of refusing")
     p.add_argument("--vae-tiling", action="store_true", help="decode the 4x output in overlapping, blended tiles (diffusers' vae.enable_tiling())")
     p.add_argument("--vae-slicing", action="store_true", help="decode one image at a time (diffusers' vae.enable_slicing())")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "aoti"], help="auto: by directory kind")
-    p.add_argument("--device", type=device, help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
-    p.add_argument("--threads", type=threads, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
-    p.add_argument("--out", default="outputs/", help="image path (.png, .jpg, .webp), or a folder ending in / for numbered images")
-    p.add_argument("--format", choices=["png", "jpg", "webp"], help="file format for a folder --out (default png)")
-    p.add_argument("--quality", type=quality, default=95, help="JPEG/WebP quality 1-100")
-    p.add_argument("--force", action="store_true", help="replace existing image files named by --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_backend_flags(p)
+    _add_image_output_flags(p)
     p.set_defaults(run=_run_upscale)
 
 
@@ -688,9 +698,7 @@ def _run_upscale(a: argparse.Namespace) -> None:
                          cli_fix="pass --model an export of an x4 upscaler folder (sdtrt make-model --preset tiny-upscaler makes a toy one); "
                                  "for img2img use sdtrt generate --image")
     _check_scheduler(a.model, request)
-    options = {"threads": a.threads} if a.backend != "tensorrt" and a.threads else {}
-    if a.device:
-        options["device"] = a.device
+    options = _backend_options(a)
     pipe = Pipeline.load(a.model, backend=a.backend, **options)
     result = pipe.run(request, progress=not a.no_progress)
     for path in outputs.write(result.images, [a1111_parameters(p) for p in result.parameters], a.quality):
@@ -863,9 +871,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("model_dir", nargs="?", type=Path, help="ONNX dir (sdtrt export) or engine dir (sdtrt build); default: the tiny demo model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network: set an API key)")
     p.add_argument("--port", type=nonnegative_int, default=7861, help="TCP port (A1111's is 7860)")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"], help="auto: by directory kind")
-    p.add_argument("--device", type=device, help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
-    p.add_argument("--threads", type=threads, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    _add_backend_flags(p)
     p.add_argument("--max-batch", type=positive_int, default=d.max_batch, metavar="N", help="images per model call (1: no batching)")
     p.add_argument("--max-wait-ms", type=nonnegative, default=d.max_wait_ms, metavar="MS",
                    help="how long the oldest request waits for others to batch with")
@@ -907,9 +913,7 @@ def _run_serve(a: argparse.Namespace) -> None:
                         lora_dir=a.lora_dir, drain_seconds=a.drain_seconds, model_name=a.model_name or (Path(model).resolve().name if a.model_dir else "sdtrt-tiny-demo"),
                         limits=Limits(max_steps=a.max_steps, max_size=a.max_size, max_images=a.max_images,
                                       max_prompt_tokens=a.max_prompt_tokens, max_body_mb=a.max_body_mb, timeout=a.timeout))
-    options = {"threads": a.threads} if a.backend != "tensorrt" and a.threads else {}
-    if a.device:
-        options["device"] = a.device
+    options = _backend_options(a)
     if a.ray:
         from .serve.ray_app import run
 
@@ -952,18 +956,14 @@ def _demo_parser(sub) -> None:
     p.add_argument("--lang", default="auto", choices=["auto", "zh", "en"], help="the page's first language (auto: zh for Taiyi, else en)")
     p.add_argument("--outdir", type=Path, help="keep the images here, numbered (default: a temporary folder removed on exit)")
     p.add_argument("--max-queue", type=positive_int, default=32, metavar="Q", help="requests waiting before new ones are turned away")
-    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "aoti"], help="auto: by directory kind")
-    p.add_argument("--device", type=device, help="cpu or cuda[:N] (default: cpu for ONNX Runtime, cuda for TensorRT)")
-    p.add_argument("--threads", type=threads, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    _add_backend_flags(p)
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(a: argparse.Namespace) -> None:
     from .demo import run
 
-    options = {"threads": a.threads} if a.backend != "tensorrt" and a.threads else {}
-    if a.device:
-        options["device"] = a.device
+    options = _backend_options(a)
     run(a.model_dir, host=a.host, port=a.port, share=a.share == "on", lang=None if a.lang == "auto" else a.lang, outdir=a.outdir,
         backend=a.backend, backend_options=options, max_queue=a.max_queue)
 
