@@ -15,7 +15,6 @@ from ..outputs import a1111_parameters
 from ..runtime.images import _target_size
 from ..runtime.request import InvalidRequest, Request
 from ..outputs import encode
-from ..models.families.base import Family
 from .codec import decode_image, mask_tensor, to_tensor
 from .errors import ApiError, bad_type, invalid
 from .jobs import Job, Row, RowResult
@@ -84,8 +83,7 @@ def _job(r: Request, body: dict, service) -> Plan:
     if controlled and not service.pipe.family.controlnets(service.pipe.config):
         raise invalid("controlnet", "this model was exported without a ControlNet.", "leave controlnet and control_image out")
     # a family conditioned on the image (upscaler, depth2img, unCLIP) reads it whole, at its own size: run on its own
-    conditioned = type(service.pipe.family).image_inputs is not Family.image_inputs
-    if r.batch > 1 or controlled or conditioned:
+    if r.batch > 1 or controlled or service.pipe.family.conditions_on_image:
         seed = r.seed if r.seed is not None else secrets.randbits(32)
         r = r.replace(seed=seed)
         job = service.prepare(r, [], NAMES, loras=loras, solo=r)

@@ -202,6 +202,8 @@ class Family:
         repeated per image (prompt-major), exactly as the family's diffusers pipeline builds them."""
         raise NotImplementedError
 
+    conditions_on_image = False  # True where the request's image is conditioning (image_inputs), not only a start image
+
     def image_inputs(self, request, config: Config):
         """A `runtime.conditioning.ImageInputs` for families conditioned on the request's images (the
         request's images loaded and checked); None (the default) where `image` is only a start image."""

@@ -18,6 +18,7 @@ from .sd import StableDiffusion
 
 class ImageConditioned(StableDiffusion):
     image_parameter = "image"  # what the request's `image` is to this family, for messages
+    conditions_on_image = True
 
     def components(self, config: Config) -> dict[str, ComponentSpec]:
         if config.get("controlnets"):
